@@ -1,0 +1,200 @@
+"""Run configuration: one frozen dataclass, loaded from TOML and overridable from the command line.
+
+Every field is both a TOML key (``local_steps = 10``) and a CLI flag (``--local-steps 10``): the flags are
+generated from the fields, so the two can never drift apart. Values are validated on load; a bad key or
+value is a ``UserError`` that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pser.errors import UserError
+
+ALGORITHMS = ("dpsgd", "gossip", "fedavg")
+PARTITIONS = ("speaker", "dirichlet", "iid")
+
+
+def _opt(help_text: str, **choices: Any) -> dict:
+    return {"metadata": {"help": help_text, **choices}}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one decentralized run is: data, model, algorithm, schedule, and the failure-handling limits."""
+
+    folds: str | None = field(default=None, **_opt("folds file (folds.json format); default DATA_DIR/folds.json"))
+    fold: int = field(default=1, **_opt("fold number (1-based) whose test speakers are held out"))
+    test_speakers: str | None = field(default=None, **_opt("comma list of test speakers instead of --folds"))
+    features: str = field(default="logmel", **_opt("feature kind, e.g. mfcc, logmel, mfcc+chroma"))
+    model: str = field(default="cnn1d", **_opt("model name from the registry"))
+    algorithm: str = field(default="dpsgd", **_opt("learning algorithm", choices=ALGORITHMS))
+    rounds: int = field(default=30, **_opt("rounds (dpsgd, fedavg) or local update blocks (gossip)"))
+    local_steps: int = field(default=8, **_opt("minibatch SGD steps between two exchanges"))
+    batch_size: int = field(default=16, **_opt("minibatch size of local training"))
+    lr: float = field(default=0.003, **_opt("learning rate of local training"))
+    partition: str = field(default="speaker", **_opt("how training data is split into peers", choices=PARTITIONS))
+    alpha: float = field(default=0.5, **_opt("Dirichlet concentration for --partition dirichlet"))
+    val_fraction: float = field(default=0.15, **_opt("share of each peer's own data held back for validation"))
+    seed: int = field(default=0, **_opt("seed for partition, initial weights and schedule"))
+    eval_every: int = field(default=1, **_opt("evaluate validation and test UA every N rounds"))
+    round_timeout: float = field(default=20.0, **_opt("seconds a dpsgd/fedavg round waits for neighbours"))
+    startup_timeout: float = field(default=120.0, **_opt("seconds the first round waits for neighbours to start"))
+    consensus_threshold: float = field(
+        default=0.0, **_opt("stop when consensus distance is below this and val UA is flat (0 = off)")
+    )
+    patience: int = field(default=5, **_opt("rounds of flat validation UA that count as converged"))
+    time_budget: float = field(default=0.0, **_opt("stop after this many seconds (0 = no limit)"))
+    cache_dir: str | None = field(default=None, **_opt("feature cache folder (default ~/.cache/p2pser)"))
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
+            if getattr(self, name) < 1:
+                raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "alpha", "round_timeout", "startup_timeout"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    """The concrete scalar type of a field, unwrapping ``X | None``."""
+    hint = typing.get_type_hints(cls)[f.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
+    kind = _field_type(cls, f)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{where}: key '{f.name}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type = RunConfig, *, config_flag: bool = True, sweep: tuple[str, ...] = ()
+) -> None:
+    """Add one flag per field (and ``--config FILE``); defaults stay None so the TOML file can fill them.
+
+    Fields named in ``sweep`` take a comma list instead of one value (see ``expand_sweep``).
+    """
+    if config_flag:
+        parser.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the options below")
+    for f in dataclasses.fields(cls):
+        kind = _field_type(cls, f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} [{default}]"
+        if f.name in sweep:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text + " (a comma list sweeps)")
+            continue
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text, **extra)
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: dict[str, Any] | None = None,
+    cls: type = RunConfig,
+    table: str = "run",
+    *,
+    other_keys: frozenset[str] = frozenset(),
+) -> Any:
+    """Defaults, then the TOML file (its ``[table]``, or the top level), then non-None ``overrides``.
+
+    ``other_keys`` are keys that another config class reads from the same flat file; they are skipped.
+    """
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"config file {path} cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        data = data.get(table, {k: v for k, v in data.items() if not isinstance(v, dict)})
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name in other_keys and name not in known:
+                continue
+            if name not in known:
+                raise UserError(f"config file {path}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+            values[name] = _coerce(cls, known[name], value, f"config file {path}")
+    for name, value in (overrides or {}).items():
+        if name in known and value is not None:
+            values[name] = _coerce(cls, known[name], value, "command line")
+    return cls(**values)
+
+
+def field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def expand_sweep(args: argparse.Namespace, cls: type, sweep: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One override dict per combination of the comma lists given for the ``sweep`` fields."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    axes = []
+    for name in sweep:
+        raw = getattr(args, name, None)
+        if raw is None:
+            continue
+        kind = _field_type(cls, known[name])
+        try:
+            values = [kind(v.strip()) for v in str(raw).split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--{name.replace('_', '-')} {raw!r}: each value must be a {kind.__name__}") from None
+        axes.append([(name, v) for v in values])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def config_from_args(args: argparse.Namespace, cls: type = RunConfig) -> Any:
+    return load_config(getattr(args, "config", None), vars(args), cls)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The simulated network of ``p2pser simulate``: topology, size and the faults to inject."""
+
+    topology: str = field(default="exponential", **_opt("topology kind (ring, torus, ...) or a topology file"))
+    peers: int | None = field(default=None, **_opt("number of peers (default: one per training speaker)"))
+    degree: int | None = field(default=None, **_opt("degree for random-regular and small-world topologies"))
+    drop: float = field(default=0.0, **_opt("probability that a message is lost"))
+    delay: str = field(default="const:0.005", **_opt("link delay distribution in virtual seconds"))
+    step_time: str = field(default="const:0.05", **_opt("virtual seconds per local step, drawn per peer"))
+    stragglers: float = field(default=0.0, **_opt("share of peers that compute slowly"))
+    straggler_factor: float = field(default=5.0, **_opt("how many times slower a straggler computes"))
+    churn: str | None = field(default=None, **_opt("crash/rejoin schedule, e.g. 3@10-20,5@15- (rounds)"))
+    network_partition: str | None = field(
+        default=None, **_opt("rounds START-END during which the lower and upper halves of the ids are cut apart")
+    )
+    baseline: str | None = field(
+        default=None, **_opt("also train a baseline on pooled data in the same run", choices=("centralized",))
+    )

@@ -1,0 +1,191 @@
+"""The learning algorithms, written once as coroutines that say what to do, never how.
+
+An algorithm is a generator over a ``Peer``. It trains and mixes by calling the peer directly, and yields
+small *effect* requests for everything that involves the network or the clock:
+
+- ``Compute(steps)``: local training just took ``steps`` minibatch steps (the simulator charges virtual time);
+- ``Send(to, frames)``: send an encoded message to these neighbours;
+- ``Gather(kind, round, expect, timeout)``: wait until all of ``expect`` delivered that round or the timeout
+  passed; answered with a ``Gathered``;
+- ``Drain()``: take whatever asynchronous models have arrived by now; answered with a list of messages;
+- ``Record(row)``: a metrics row for this round; answered with the seconds elapsed since the run started.
+
+``p2pser.gossip.runner`` carries these out with ZeroMQ and the wall clock; ``p2pser.run.simulate`` with an
+in-memory network and a virtual clock. Nothing else differs between simulation and deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from p2pser.gossip.codec import Message
+from p2pser.gossip.peer import Peer
+
+
+@dataclass(frozen=True)
+class Compute:
+    steps: int
+
+
+@dataclass(frozen=True)
+class Send:
+    to: tuple[int, ...]
+    frames: list
+
+
+@dataclass(frozen=True)
+class Gather:
+    kind: str
+    round: int
+    expect: frozenset[int]
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Gathered:
+    messages: dict[int, Message]
+    heard: frozenset[int] = field(default_factory=frozenset)  # neighbours heard from since the last gather
+
+
+@dataclass(frozen=True)
+class Drain:
+    pass
+
+
+@dataclass(frozen=True)
+class Record:
+    row: dict
+
+
+Algorithm = Generator[Any, Any, None]
+
+
+class _StopRule:
+    """Round budget, time budget, or convergence: consensus below a threshold and validation UA flat."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.best_val = -1.0
+        self.flat_rounds = 0
+
+    def done(self, row: dict, elapsed: float) -> bool:
+        cfg = self.config
+        if cfg.time_budget and elapsed >= cfg.time_budget:
+            return True
+        if "val_ua" in row:
+            if row["val_ua"] > self.best_val + 1e-4:
+                self.best_val, self.flat_rounds = row["val_ua"], 0
+            else:
+                self.flat_rounds += cfg.eval_every
+        distance = row.get("consensus_distance")
+        return bool(
+            cfg.consensus_threshold
+            and distance is not None
+            and distance < cfg.consensus_threshold
+            and self.flat_rounds >= cfg.patience
+        )
+
+
+def _row(peer: Peer, round_: int, loss: float, distance: float | None, heard: Sequence[int]) -> dict:
+    cfg = peer.config
+    row = {"peer": peer.id, "round": round_, "loss": loss, "consensus_distance": distance, "heard": len(heard)}
+    if (round_ + 1) % cfg.eval_every == 0 or round_ + 1 == cfg.rounds:
+        row.update(peer.evaluate())
+    return row
+
+
+def dpsgd(peer: Peer, start_round: int = 0) -> Algorithm:
+    """Synchronous D-PSGD: local steps, send to all neighbours, wait for their model of the same round up to
+    a deadline, then average with Metropolis-Hastings weights renormalised over what arrived.
+
+    A neighbour that missed a whole deadline is not waited for again until it is heard from, so a dead
+    neighbour costs one timeout, not one per round.
+    """
+    cfg = peer.config
+    stop = _StopRule(cfg)
+    suspects: set[int] = set()
+    for r in range(start_round, cfg.rounds):
+        loss = peer.local_update(cfg.local_steps)
+        yield Compute(cfg.local_steps)
+        own = peer.snapshot()
+        yield Send(tuple(peer.neighbours), peer.encode(own, r))
+        timeout = cfg.startup_timeout if r == start_round else cfg.round_timeout
+        got: Gathered = yield Gather("model", r, frozenset(peer.neighbours) - suspects, timeout)
+        suspects = (suspects | (set(peer.neighbours) - set(got.messages))) - set(got.heard)
+        distance = peer.mix(own, got.messages, peer.mix_weights)
+        row = _row(peer, r, loss, distance, list(got.messages))
+        elapsed = yield Record(row)
+        if stop.done(row, elapsed):
+            return
+
+
+def fedavg(peer: Peer, start_round: int = 0, hub: int = 0) -> Algorithm:
+    """Federated averaging on a star: every peer trains; the hub averages by sample counts (its own model
+    included) and sends the average back, which the others adopt. Centralized FL as a baseline."""
+    cfg = peer.config
+    stop = _StopRule(cfg)
+    suspects: set[int] = set()
+    for r in range(start_round, cfg.rounds):
+        first = r == start_round
+        loss = peer.local_update(cfg.local_steps)
+        yield Compute(cfg.local_steps)
+        own = peer.snapshot()
+        if peer.id == hub:
+            timeout = cfg.startup_timeout if first else cfg.round_timeout
+            got: Gathered = yield Gather("model", r, frozenset(peer.neighbours) - suspects, timeout)
+            suspects = (suspects | (set(peer.neighbours) - set(got.messages))) - set(got.heard)
+            weights = {peer.id: peer.samples} | {s: m.samples for s, m in got.messages.items()}
+            distance = peer.mix(own, got.messages, weights)
+            yield Send(tuple(peer.neighbours), peer.encode(peer.snapshot(), r))
+            heard = list(got.messages)
+        else:
+            yield Send((hub,), peer.encode(own, r))
+            # The hub may itself wait a full round timeout for a dead client before it answers.
+            timeout = (cfg.startup_timeout if first else 0.0) + 2 * cfg.round_timeout
+            got = yield Gather("model", r, frozenset({hub}), timeout)
+            distance = peer.mix(own, got.messages, {peer.id: 0.0, hub: 1.0})
+            heard = list(got.messages)
+        row = _row(peer, r, loss, distance, heard)
+        elapsed = yield Record(row)
+        if stop.done(row, elapsed):
+            return
+
+
+def gossip(peer: Peer, start_round: int = 0) -> Algorithm:
+    """Asynchronous gossip learning: no rounds to wait for. After each block of local steps, push the model
+    to one random neighbour; merge whatever arrived, weighted by model age (local steps it has seen)."""
+    cfg = peer.config
+    stop = _StopRule(cfg)
+    rng = np.random.default_rng([cfg.seed, peer.id, 7])
+    age = float(start_round * cfg.local_steps)
+    for r in range(start_round, cfg.rounds):
+        loss = peer.local_update(cfg.local_steps)
+        age += cfg.local_steps
+        yield Compute(cfg.local_steps)
+        own = peer.snapshot()
+        target = int(rng.choice(peer.neighbours))
+        yield Send((target,), peer.encode(own, r, age=age))
+        arrived: list[Message] = yield Drain()
+        distance = None
+        if arrived:
+            weights = {peer.id: age} | {m.sender: max(m.age, 1e-9) for m in arrived}
+            distance = peer.mix(own, {m.sender: m for m in arrived}, weights)
+            age = max([age] + [m.age for m in arrived])
+        row = _row(peer, r, loss, distance, [m.sender for m in arrived])
+        elapsed = yield Record(row)
+        if stop.done(row, elapsed):
+            return
+
+
+ALGORITHMS = {"dpsgd": dpsgd, "gossip": gossip, "fedavg": fedavg}
+
+
+def start(peer: Peer, start_round: int = 0, *, hub: int = 0) -> Algorithm:
+    name = peer.config.algorithm
+    if name == "fedavg":
+        return fedavg(peer, start_round, hub=hub)
+    return ALGORITHMS[name](peer, start_round)

@@ -1,0 +1,69 @@
+"""The messages a peer has received and not yet used, filed by kind, round and sender.
+
+Pure bookkeeping, no sockets and no clock: the real-time runner and the simulator both feed it, so the
+rules for stale, duplicate and far-ahead messages are the same in simulation and deployment.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from p2pser.gossip.codec import Message
+
+
+class Inbox:
+    """Synchronous rounds keep a floor: a message for a round already finished is stale and dropped.
+
+    Asynchronous gossip ignores rounds; there a newer model from a sender replaces its older one, so the
+    buffer holds at most one model per neighbour.
+    """
+
+    def __init__(self, neighbours: Iterable[int], *, max_rounds_ahead: int = 8) -> None:
+        self.neighbours = frozenset(neighbours)
+        self.max_rounds_ahead = max_rounds_ahead
+        self.floor = 0  # lowest round still awaited
+        self._by_round: dict[tuple[str, int], dict[int, Message]] = defaultdict(dict)
+        self._latest: dict[int, Message] = {}
+        self._last_round: dict[int, int] = {}  # survives drain(), so a replayed old model is refused
+
+    def add(self, message: Message, *, synchronous: bool = True) -> str | None:
+        """File a decoded message; return why it was refused, or None when it was accepted."""
+        if message.sender not in self.neighbours:
+            return f"sender {message.sender} is not a neighbour"
+        if not synchronous:
+            if message.kind != "model":
+                return f"unexpected {message.kind!r} message in asynchronous gossip"
+            last = self._last_round.get(message.sender, -1)
+            if message.round <= last:
+                return f"round {message.round} from {message.sender} is not newer than round {last} (replay?)"
+            self._last_round[message.sender] = message.round
+            self._latest[message.sender] = message
+            return None
+        if message.round < self.floor:
+            return f"stale round {message.round} from {message.sender} (now at round {self.floor})"
+        if message.round > self.floor + self.max_rounds_ahead:
+            return f"round {message.round} from {message.sender} is too far ahead of round {self.floor}"
+        slot = self._by_round[(message.kind, message.round)]
+        if message.sender in slot:
+            return f"duplicate {message.kind} for round {message.round} from {message.sender}"
+        slot[message.sender] = message
+        return None
+
+    def has_all(self, kind: str, round_: int, senders: Iterable[int]) -> bool:
+        slot = self._by_round.get((kind, round_), {})
+        return all(s in slot for s in senders)
+
+    def take(self, kind: str, round_: int) -> dict[int, Message]:
+        """Everything for (kind, round) from any neighbour; rounds before it become stale."""
+        got = self._by_round.pop((kind, round_), {})
+        self.floor = max(self.floor, round_)
+        for key in [k for k in self._by_round if k[1] < self.floor]:
+            del self._by_round[key]
+        return got
+
+    def drain(self) -> list[Message]:
+        """All buffered asynchronous models, in sender order."""
+        got = [self._latest[s] for s in sorted(self._latest)]
+        self._latest.clear()
+        return got

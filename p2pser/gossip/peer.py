@@ -1,0 +1,165 @@
+"""One peer's learning state: its own data, its model and trainer, and how it mixes neighbours' models.
+
+No sockets and no clock live here. The algorithms in ``algorithms.py`` drive a ``Peer`` and say what to
+send and what to wait for; the real-time runner and the simulator carry that out. That is how simulation and
+deployment run the very same learning code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from p2pser.config import RunConfig
+from p2pser.data.features import Normalizer
+from p2pser.gossip.codec import Message, encode, template_of
+from p2pser.gossip.mixing import Contribution, MixingRule, WeightedAverage, consensus_distance
+from p2pser.learn.local import LocalTrainer, TrainConfig, evaluate
+from p2pser.learn.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerData:
+    """A peer's own training and validation utterances (normalised with its own statistics) and the
+    fold's test set (shared, read-only; normalised batch by batch at evaluation so that many simulated
+    peers never hold copies of it)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    normalizer: Normalizer
+
+    @classmethod
+    def from_arrays(
+        cls,
+        x: np.ndarray,
+        y: np.ndarray,
+        own: np.ndarray,
+        x_test: np.ndarray,
+        y_test: np.ndarray,
+        classes: Sequence[str],
+        *,
+        val_fraction: float,
+        seed: int,
+    ) -> PeerData:
+        """Split the peer's own rows ``own`` of ``x`` into train and validation; the test arrays are shared."""
+        rng = np.random.default_rng(seed)
+        own = rng.permutation(np.asarray(own))
+        n_val = round(len(own) * val_fraction) if len(own) > 2 else 0
+        val, train = own[:n_val], own[n_val:]
+        normalizer = Normalizer.fit(x[train])
+        return cls(
+            x_train=normalizer.apply(x[train]),
+            y_train=y[train],
+            x_val=normalizer.apply(x[val]),
+            y_val=y[val],
+            x_test=x_test,
+            y_test=y_test,
+            classes=list(classes),
+            normalizer=normalizer,
+        )
+
+
+class Peer:
+    def __init__(
+        self,
+        peer_id: int,
+        neighbours: Sequence[int],
+        data: PeerData,
+        config: RunConfig,
+        *,
+        mix_weights: Mapping[int, float],
+        rule: MixingRule | None = None,
+    ) -> None:
+        self.id = peer_id
+        self.neighbours = sorted(neighbours)
+        self.data = data
+        self.config = config
+        self.mix_weights = dict(mix_weights)  # includes our own id: the diagonal of the mixing matrix
+        self.rule = rule or WeightedAverage()
+        _, channels, frames = data.x_train.shape
+        # Every peer starts from the same initial weights (same seed): the usual D-PSGD set-up, and the
+        # consensus distance then measures only what training and mixing did.
+        self.model = build_model(config.model, channels, frames, len(data.classes), seed=config.seed)
+        self._float_params = {
+            name: t for name, t in self.model.state_dict().items() if torch.is_floating_point(t)
+        }
+        train_cfg = TrainConfig(batch_size=config.batch_size, lr=config.lr)
+        self.trainer = LocalTrainer(
+            self.model,
+            data.x_train,
+            data.y_train,
+            len(data.classes),
+            train_cfg,
+            seed=config.seed * 100_003 + peer_id,
+            total_steps=config.rounds * config.local_steps,
+        )
+        self.template = template_of(self.snapshot())
+        self.samples = len(data.y_train)
+        self.timings = {"train": 0.0, "eval": 0.0}  # seconds, to tell learning from overhead
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """A copy of the shared parameters: what goes on the wire must not change while it is being sent."""
+        return {name: t.detach().cpu().numpy().copy() for name, t in self._float_params.items()}
+
+    def load(self, state: Mapping[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, t in self._float_params.items():
+                t.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
+
+    def local_update(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        loss = float(self.trainer.train_steps(steps))
+        self.timings["train"] += time.perf_counter() - t0
+        return loss
+
+    def encode(self, state: Mapping[str, np.ndarray], round_: int, *, age: float = 0.0) -> list:
+        return encode(state, sender=self.id, round=round_, samples=self.samples, age=age)
+
+    def mix(
+        self, own: Mapping[str, np.ndarray], received: Mapping[int, Message], weights: Mapping[int, float]
+    ) -> float | None:
+        """Replace our parameters by the weighted mix of ``own`` and the received models.
+
+        Returns the consensus distance to the neighbours heard, measured before mixing (None if none).
+        """
+        others = [Contribution(s, weights[s], m.tensors) for s, m in sorted(received.items())]
+        distance = consensus_distance(own, [c.state for c in others])
+        if others:
+            self.load(self.rule.mix(own, weights[self.id], others))
+        return distance
+
+    def evaluate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        data = self.data
+        row: dict[str, float] = {}
+        if len(data.y_val):
+            row["val_ua"] = evaluate(self.model, data.x_val, data.y_val, data.classes)["ua"]
+        if len(data.y_test):
+            report = evaluate(self.model, data.normalizer.apply(data.x_test), data.y_test, data.classes)
+            row.update(test_ua=report["ua"], test_wa=report["wa"], test_macro_f1=report["macro_f1"])
+        self.timings["eval"] += time.perf_counter() - t0
+        return row
+
+    def save_model(self, path: str | Path) -> None:
+        """Write the shared parameters as .npz (no pickle), atomically: a crash leaves the old file."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **self.snapshot())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)

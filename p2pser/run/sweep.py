@@ -1,0 +1,167 @@
+"""Run one or many simulations side by side and compare them.
+
+A comma list on a sweepable option (``--topology ring,exponential,complete,star``, ``--algorithm``,
+``--model``, ``--partition``) runs every combination into its own sub-folder, then writes
+``comparison.md`` and comparison plots. Features are extracted once and shared by every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from p2pser.config import RunConfig, SimConfig
+from p2pser.errors import UserError
+from p2pser.gossip.topology import Topology, draw_topology, load_topology, make_topology
+from p2pser.run.network_sim import Distribution, FaultPlan, parse_churn, parse_window
+from p2pser.run.plan import extract_for, make_plan
+from p2pser.run.report import per_round, read_metrics
+from p2pser.run.simulate import simulate_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str  # what distinguishes this run in a sweep ("" for a single run)
+    run: RunConfig
+    sim: SimConfig
+
+
+def resolve_topology(spec: str, n_peers: int | None, sim: SimConfig, seed: int) -> tuple[Topology, str]:
+    """A topology file, or a kind built for ``n_peers`` peers."""
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        topology = load_topology(path)
+        if n_peers is not None and topology.n != n_peers:
+            raise UserError(f"topology {path} has {topology.n} peers but the run needs {n_peers}")
+        return topology, path.stem
+    if n_peers is None:
+        raise UserError(f"--topology {spec} needs a number of peers: pass --peers N")
+    return make_topology(spec, n_peers, degree=sim.degree, seed=seed), spec
+
+
+def fault_plan(sim: SimConfig, n_peers: int) -> FaultPlan:
+    return FaultPlan(
+        drop=sim.drop,
+        delay=Distribution.parse(sim.delay, "--delay"),
+        step_time=Distribution.parse(sim.step_time, "--step-time"),
+        stragglers=sim.stragglers,
+        straggler_factor=sim.straggler_factor,
+        churn=tuple(parse_churn(sim.churn, n_peers)),
+        partition=parse_window(sim.network_partition),
+    )
+
+
+def _peers_needed(case: Case) -> int | None:
+    path = Path(case.sim.topology)
+    if path.suffix == ".toml" or path.exists():
+        return load_topology(path).n
+    return case.sim.peers
+
+
+def run_cases(data_dir: str | Path, cases: list[Case], out_dir: str | Path) -> list[dict]:
+    out = Path(out_dir)
+    shared: dict[tuple, tuple] = {}  # (fold, features, ...) -> extracted features, reused by every case
+    summaries = []
+    for case in cases:
+        cfg = case.run
+        plan = make_plan(data_dir, cfg, _peers_needed(case))
+        topology, name = resolve_topology(case.sim.topology, plan.n_peers, case.sim, cfg.seed)
+        faults = fault_plan(case.sim, topology.n)
+        key = (cfg.fold, cfg.folds, cfg.test_speakers, cfg.features, cfg.cache_dir)
+        if key not in shared:
+            needed = np.unique(np.concatenate([*plan.peers, plan.test]))
+            shared[key] = extract_for(plan, needed, cfg, progress=True)
+        features, row_of = shared[key]
+        run_dir = out / case.label if case.label else out
+        if any(run_dir.glob("peer-*")):
+            raise UserError(f"output folder {run_dir} already holds a run: choose a new --out")
+        print(f"simulating {case.label or name}: {topology.n} peers, {cfg.algorithm}, {cfg.rounds} rounds ...",
+              flush=True)
+        summary = simulate_run(plan, topology, name, cfg, faults, run_dir, features=features, row_of=row_of)
+        summary["label"] = case.label or name
+        summaries.append(summary)
+        draw_topology(topology, run_dir / "topology.png")
+    return summaries
+
+
+def run_baseline(data_dir: str | Path, cfg: RunConfig, peers_rounds_steps: float, out_dir: Path) -> dict:
+    """The pooled-data model with the same model, features and epoch budget as the peers."""
+    from p2pser.learn.local import TrainConfig
+    from p2pser.run.train import train_centralized
+
+    plan = make_plan(data_dir, cfg, None if cfg.partition == "speaker" else 1)
+    mean_own = np.mean([len(p) for p in plan.peers]) * (1 - cfg.val_fraction)
+    # Each peer sees rounds x local_steps x batch_size samples of its own data: that many epochs of it.
+    epochs = max(1, round(peers_rounds_steps * cfg.batch_size / max(mean_own, 1)))
+    start = time.monotonic()
+    summary = train_centralized(
+        data_dir, out_dir, folds_path=cfg.folds, fold=cfg.fold, test_speakers=cfg.test_speakers,
+        model_name=cfg.model, features=cfg.features, train_cfg=TrainConfig(epochs=epochs, batch_size=cfg.batch_size),
+        seed=cfg.seed, cache_dir=cfg.cache_dir, progress=True,
+    )
+    summary.update(label="centralized", epochs=epochs, wall_s=round(time.monotonic() - start, 2))
+    return summary
+
+
+def write_comparison(out_dir: Path, summaries: list[dict], baseline: dict | None) -> Path:
+    """``comparison.md`` plus UA/consensus/bytes plots across the runs of a sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        (
+            "| run | peers | rounds | UA mean | UA min | UA of average model | consensus first -> last | "
+            "bytes busiest peer | wall s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    for s in summaries:
+        lines.append(
+            f"| {s['label']} | {s['peers']} | {s['rounds']} | {pct(s['ua_mean'])} | {pct(s['ua_min'])} | "
+            f"{pct(s['ua_average_model'])} | {s['consensus_distance_first'] or 0:.3g} -> "
+            f"{s['consensus_distance_last'] or 0:.3g} | {s['bytes_sent_max_peer']:,} | {s['wall_s']} |"
+        )
+    if baseline is not None:
+        lines.append(f"| centralized (pooled data, {baseline['epochs']} epochs) | 1 | - | {pct(baseline['ua'])} | "
+                     f"- | - | - | 0 | {baseline['wall_s']} |")
+    table = out_dir / "comparison.md"
+    table.write_text("\n".join(lines) + "\n")
+    (out_dir / "comparison.json").write_text(json.dumps({"runs": summaries, "baseline": baseline}, indent=1))
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for s in summaries:
+        run_dir = out_dir / s["label"] if len(summaries) > 1 else out_dir
+        metrics = read_metrics(run_dir)
+        ua = {r: float(np.mean(v)) for r, v in per_round(metrics, "test_ua").items()}
+        busiest = {r: float(np.max(v)) for r, v in per_round(metrics, "bytes_sent").items()}
+        axes[0].plot(list(ua), list(ua.values()), label=s["label"])
+        axes[1].plot([busiest[r] / 1e6 for r in ua if r in busiest], [ua[r] for r in ua if r in busiest],
+                     label=s["label"])
+        cd = {int(k): v for k, v in s["consensus_distance_per_round"].items()}
+        axes[2].plot(list(cd), list(cd.values()), label=s["label"])
+    if baseline is not None:
+        for ax in axes[:2]:
+            ax.axhline(baseline["ua"], color="k", ls="--", lw=1, label="centralized")
+    axes[0].set(xlabel="round", ylabel="mean test UA", title="UA against rounds")
+    axes[1].set(xlabel="MB sent by the busiest peer", ylabel="mean test UA", title="UA against communication")
+    axes[2].set(xlabel="round", ylabel="consensus distance", title="Consensus distance", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "comparison.png", dpi=110)
+    plt.close(fig)
+    return table

@@ -55,9 +55,9 @@ class Inbox:
         return all(s in slot for s in senders)
 
     def take(self, kind: str, round_: int) -> dict[int, Message]:
-        """Everything for (kind, round) from any neighbour; rounds before it become stale."""
+        """Everything for (kind, round) from any neighbour; that round and earlier ones become stale."""
         got = self._by_round.pop((kind, round_), {})
-        self.floor = max(self.floor, round_)
+        self.floor = max(self.floor, round_ + 1)
         for key in [k for k in self._by_round if k[1] < self.floor]:
             del self._by_round[key]
         return got

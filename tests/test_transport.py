@@ -252,6 +252,7 @@ def test_faulty_transport_delays_without_blocking_and_copies_frames(pair) -> Non
     assert f.send(1, ping(0, 2))
     f.close()  # a message still in flight is lost with the link
     assert b.recv(0.5) is None
+    assert not f.send(1, ping(0, 3))
     with pytest.raises(UserError, match="drop probability"):
         FaultyTransport(a, drop=2.0)
 

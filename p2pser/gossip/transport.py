@@ -331,6 +331,8 @@ class FaultyTransport:
 
     def send(self, to: int, frames: Frames) -> bool:
         with self._cond:
+            if self._closed:
+                return self.inner.send(to, frames)  # counted as a drop by the closed inner transport
             lost = self.drop > 0 and self._rng.random() < self.drop
             delay = self._delay_for(to)
             if lost:

@@ -50,15 +50,14 @@ HEADER_FIELDS = frozenset(
     {"v", "kind", "sender", "round", "age", "samples", "names", "dtypes", "shapes", "hash", "checksum", "meta"}
 )
 
-Frame = bytes | memoryview
+# CodecError.reason values.
+REASONS = ("header", "version", "kind", "fields", "type", "template", "frames", "size", "checksum", "nonfinite",
+           "oversize")
 Template = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
 
 class CodecError(Exception):
-    """A received message was rejected; ``reason`` is one of the short codes below, the text says why.
-
-    Codes: header, version, kind, fields, type, template, frames, size, checksum, nonfinite, oversize.
-    """
+    """A received message was rejected; ``reason`` is one of ``REASONS``, the text says why."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)

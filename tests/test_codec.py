@@ -192,6 +192,10 @@ def test_rejections(case: str) -> None:
     assert reason(make(), decoder) == expected
 
 
+def test_every_reason_has_a_case() -> None:
+    assert {expected for _, expected in REJECTIONS.values()} == set(codec.REASONS)
+
+
 def test_size_limits() -> None:
     assert reason(frames_of(), Decoder(template_of(STATE), max_bytes=100)) == "oversize"
     many = {f"t{i}": np.zeros(1, np.float32) for i in range(codec.MAX_TENSORS + 1)}

@@ -179,6 +179,8 @@ REJECTIONS = {
     "frame extra": (lambda: [*frames_of(), b"more"], "frames"),
     "buffer short": (lambda: [*frames_of()[:2], bytes(frames_of()[2])[:-4], *frames_of()[3:]], "size"),
     "buffer swapped": (lambda: [frames_of()[0], frames_of()[2], frames_of()[1], *frames_of()[3:]], "size"),
+    "byte flipped": (lambda: [*frames_of()[:3], bytes(frames_of()[3])[:-1] + b"\x00", *frames_of()[4:]],
+                     "checksum"),
     "nan": (nan_frames, "nonfinite"),
     "inf float16": (inf_frames, "nonfinite"),
     "header oversize": (lambda: [b"\x00" * (codec.MAX_HEADER_BYTES + 1)], "oversize"),

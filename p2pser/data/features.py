@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import version
 from pathlib import Path
@@ -480,24 +481,38 @@ def _run(
 ) -> Iterator[tuple[str, os.stat_result, _Outcome]]:
     n = min(workers, math.ceil(len(todo) / _MIN_FILES_PER_WORKER))
     with tqdm(total=len(todo), disable=not progress or not todo, unit="file", desc="features", leave=False) as bar:
-        if n <= 1:
-            ensure_numba_cache()
-            # Multi-threaded BLAS on these small matrices is ~20x slower on a busy machine than one thread.
-            with threadpool_limits(1):
-                for path, st in todo:
+        done: set[str] = set()
+        if n > 1:
+            try:
+                for path, st, outcome in _in_pool(todo, spec, root, n):
+                    done.add(path)
+                    yield path, st, outcome
+                    bar.update()
+            except BrokenProcessPool as exc:
+                # A worker was killed (out of memory) or could not start (e.g. a calling script without an
+                # ``if __name__ == "__main__":`` guard): slower, but still an answer.
+                log.warning("feature worker processes failed (%s); extracting the rest in this process", exc)
+        ensure_numba_cache()
+        # Multi-threaded BLAS on these small matrices is ~20x slower on a busy machine than one thread.
+        with threadpool_limits(1):
+            for path, st in todo:
+                if path not in done:
                     yield path, st, _extract_file(path, spec, str(root))
                     bar.update()
-            return
-        # spawn: a forked copy of a parent that runs torch or ZeroMQ threads can deadlock.
-        context = multiprocessing.get_context("spawn")
-        size = max(1, min(32, len(todo) // (4 * n)))
-        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-        with ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker) as pool:
-            futures = {pool.submit(_extract_batch, [p for p, _ in c], spec, str(root)): c for c in chunks}
-            for future in as_completed(futures):
-                for (path, st), outcome in zip(futures[future], future.result()):
-                    yield path, st, outcome
-                bar.update(len(futures[future]))
+
+
+def _in_pool(
+    todo: list[tuple[str, os.stat_result]], spec: FeatureSpec, root: Path, n: int
+) -> Iterator[tuple[str, os.stat_result, _Outcome]]:
+    # spawn: a forked copy of a parent that runs torch or ZeroMQ threads can deadlock.
+    context = multiprocessing.get_context("spawn")
+    size = max(1, min(32, len(todo) // (4 * n)))
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    with ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker) as pool:
+        futures = {pool.submit(_extract_batch, [p for p, _ in c], spec, str(root)): c for c in chunks}
+        for future in as_completed(futures):
+            for (path, st), outcome in zip(futures[future], future.result()):
+                yield path, st, outcome
 
 
 def _init_worker() -> None:

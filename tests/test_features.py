@@ -130,6 +130,14 @@ def test_cache_invalidated_when_file_content_changes(few, tmp_path):
     np.testing.assert_array_equal(after.x, reference.x)
 
 
+def test_identical_content_is_extracted_once(few, tmp_path):
+    a = copy_utterances(few[:1], tmp_path / "a")[0]
+    b = copy_utterances(few[:1], tmp_path / "b")[0]
+    fs = extract_features([a, b], FeatureSpec(), cache_dir=tmp_path / "cache", workers=1, progress=False)
+    assert fs.stats["hashed"] == 2 and fs.stats["extracted"] == 1
+    np.testing.assert_array_equal(fs.x[0], fs.x[1])
+
+
 def test_bad_files_are_skipped_with_reasons(few, tmp_path, caplog):
     folder = tmp_path / "audio"
     good = copy_utterances(few[:3], folder)

@@ -278,7 +278,7 @@ def extract_features(
 
     warm = len(digests)
     audio_seconds, extracted = 0.0, 0
-    for path, st, outcome in _run(todo, spec, cache.root, workers or os.cpu_count() or 1, progress):
+    for path, st, outcome in _run(todo, cache, workers or os.cpu_count() or 1, progress):
         if outcome.digest is None:
             reasons[path] = outcome.reason or "unreadable"
             continue
@@ -477,14 +477,14 @@ class _Unusable(Exception):
 
 
 def _run(
-    todo: list[tuple[str, os.stat_result]], spec: FeatureSpec, root: Path, workers: int, progress: bool
+    todo: list[tuple[str, os.stat_result]], cache: _Cache, workers: int, progress: bool
 ) -> Iterator[tuple[str, os.stat_result, _Outcome]]:
     n = min(workers, math.ceil(len(todo) / _MIN_FILES_PER_WORKER))
     with tqdm(total=len(todo), disable=not progress or not todo, unit="file", desc="features", leave=False) as bar:
         done: set[str] = set()
         if n > 1:
             try:
-                for path, st, outcome in _in_pool(todo, spec, root, n):
+                for path, st, outcome in _in_pool(todo, cache, n):
                     done.add(path)
                     yield path, st, outcome
                     bar.update()
@@ -497,19 +497,19 @@ def _run(
         with threadpool_limits(1):
             for path, st in todo:
                 if path not in done:
-                    yield path, st, _extract_file(path, spec, str(root))
+                    yield path, st, _extract_file(path, cache)
                     bar.update()
 
 
 def _in_pool(
-    todo: list[tuple[str, os.stat_result]], spec: FeatureSpec, root: Path, n: int
+    todo: list[tuple[str, os.stat_result]], cache: _Cache, n: int
 ) -> Iterator[tuple[str, os.stat_result, _Outcome]]:
     # spawn: a forked copy of a parent that runs torch or ZeroMQ threads can deadlock.
     context = multiprocessing.get_context("spawn")
     size = max(1, min(32, len(todo) // (4 * n)))
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     with ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker) as pool:
-        futures = {pool.submit(_extract_batch, [p for p, _ in c], spec, str(root)): c for c in chunks}
+        futures = {pool.submit(_extract_batch, [p for p, _ in c], cache): c for c in chunks}
         for future in as_completed(futures):
             for (path, st), outcome in zip(futures[future], future.result()):
                 yield path, st, outcome
@@ -523,27 +523,26 @@ def _init_worker() -> None:
     threadpool_limits(1)  # BLAS was loaded with numpy, before the variables above were set
 
 
-def _extract_batch(paths: list[str], spec: FeatureSpec, root: str) -> list[_Outcome]:
-    return [_extract_file(path, spec, root) for path in paths]
+def _extract_batch(paths: list[str], cache: _Cache) -> list[_Outcome]:
+    return [_extract_file(path, cache) for path in paths]
 
 
-def _extract_file(path: str, spec: FeatureSpec, root: str) -> _Outcome:
+def _extract_file(path: str, cache: _Cache) -> _Outcome:
     """Hash one file and put its features (or the reason it has none) into the cache."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         return _Outcome(None, f"cannot read: {exc.strerror or exc}", 0.0)
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    cache = _Cache(Path(root), spec)
     missing = cache.missing_parts(digest)
     if cache.skip_path(digest).exists() or not missing:
         return _Outcome(digest, None, 0.0)
     try:
-        y, seconds = _load_audio(data, spec)
+        y, seconds = _load_audio(data, cache.spec)
     except _Unusable as exc:
         cache.save_skip(digest, str(exc))
         return _Outcome(digest, None, 0.0)
-    for part, values in _compute_parts(y, spec, missing).items():
+    for part, values in _compute_parts(y, cache.spec, missing).items():
         cache.save_part(digest, part, values)
     return _Outcome(digest, None, seconds)
 

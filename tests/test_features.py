@@ -18,6 +18,7 @@ import pytest
 import soundfile
 
 from p2pser.cli import main
+from p2pser.data import features
 from p2pser.data.corpora import Utterance
 from p2pser.data.features import KINDS, FeatureSpec, Normalizer, default_cache_dir, extract_features
 from p2pser.errors import UserError
@@ -220,9 +221,12 @@ def test_classes_fix_label_order_and_drop_others(few, tmp_path, caplog):
     assert any(f"dropped {len(few) - len(kept)} utterances" in r.getMessage() for r in caplog.records)
 
 
-def test_worker_processes_give_the_same_features(shared_data, tmp_path):
-    utts = manifest_utterances(shared_data / "ravdess", step=13, limit=110)  # > 50 per worker: a 2-process pool
-    pool = extract_features(utts, FeatureSpec(), cache_dir=tmp_path / "a", workers=2, progress=False)
+def test_worker_processes_give_the_same_features(shared_data, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(features, "_MIN_FILES_PER_WORKER", 30)  # a real 2-process pool for a small job
+    utts = manifest_utterances(shared_data / "ravdess", step=23, limit=60)
+    with caplog.at_level(logging.INFO, logger="p2pser.data.features"):
+        pool = extract_features(utts, FeatureSpec(), cache_dir=tmp_path / "a", workers=2, progress=False)
+    assert any("60 files in 2 worker processes" in r.getMessage() for r in caplog.records)
     local = extract_features(utts, FeatureSpec(), cache_dir=tmp_path / "b", workers=1, progress=False)
     assert pool.stats["extracted"] == local.stats["extracted"] == len(utts)
     np.testing.assert_array_equal(pool.x, local.x)

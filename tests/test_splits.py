@@ -223,3 +223,18 @@ def test_prepare_experiment(shared_data, tmp_path):
         prepare_experiment(data, spec, test_speakers=["ravdess_07"], cache_dir=tmp_path / "cache", progress=False)
     with pytest.raises(UserError, match="not both"):
         prepare_experiment(data, spec, folds_path=data / "folds.json", test_speakers=["ravdess_01"])
+
+
+def test_prepare_experiment_on_the_synthetic_corpus_then_peers(synth_corpus, tmp_path):
+    from p2pser.data.dataset import prepare_experiment
+
+    exp = prepare_experiment(synth_corpus, FeatureSpec(kind="logmel", max_seconds=2.0), cache_dir=tmp_path,
+                             workers=1, progress=False)
+    folds, classes = load_folds(synth_corpus / "folds.json", exp.corpus.speakers())
+    assert exp.folds == folds and exp.classes == classes and len(exp.features) == 288
+    f = exp.features
+    for fold in exp.folds:
+        split = exp.fold(fold.number, val_fraction=0.1, seed=0)
+        peers = partition(split.train, f.speakers, f.labels, scheme="speaker")
+        assert len(peers) == 4 and all(len(set(f.speakers[p])) == 1 for p in peers)
+        assert not {s for p in peers for s in f.speakers[p]} & set(fold.test_speakers)

@@ -252,7 +252,9 @@ def extract_features(
     """Features of ``utterances`` as a FeatureSet, computing only what the cache lacks.
 
     ``classes`` fixes the label order; utterances with other emotions are dropped (counted, logged).
-    Unusable files are skipped with one warning each; ``workers`` processes (default: all CPUs) extract.
+    Unusable files are skipped with one warning each. Up to ``workers`` processes (default: all CPUs)
+    extract large jobs; they are spawned, so a calling script needs an ``if __name__ == "__main__":``
+    guard (without one the workers fail and extraction falls back to this process, with a warning).
     """
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
     utterances = list(utterances)

@@ -7,8 +7,8 @@ silent or too-short audio, trim leading/trailing silence, normalise the level, a
 
 Cache layout (``--cache-dir``, else ``$P2PSER_CACHE_DIR``, else ``~/.cache/p2pser/features``)::
 
-    index.json                        absolute path -> [size, mtime_ns, content hash]: a warm run stats the
-                                      audio files but opens none of them
+    index.json                        absolute path -> [size, mtime_ns, ctime_ns, content hash]: a warm run
+                                      stats the audio files but opens none of them
     ab/<hash>.<part>.<key>.npy        one feature part (mfcc, logmel, ...) of one file content; <key> hashes
                                       every parameter that changes the values
     ab/<hash>.audio.<key>.skip.json   why that content is unusable (corrupt, silent, ...), so a warm run does
@@ -55,6 +55,7 @@ NORMALIZATIONS = ("rms", "peak", "none")
 
 # Bump when the extraction code changes its output, so old cache entries are not reused.
 _CACHE_VERSION = 1
+_INDEX_VERSION = 2
 _RMS_TARGET_DBFS = -20.0
 # Below -80 dBFS peak there is no speech to hear (RAVDESS's quietest takes still peak near -34 dBFS).
 _SILENT_PEAK = 1e-4
@@ -432,7 +433,10 @@ class _Cache:
 
 
 class _Index:
-    """Absolute path -> (size, mtime_ns, content hash), so unchanged files need not be read to be hashed."""
+    """Absolute path -> (size, mtime_ns, ctime_ns, content hash): unchanged files need not be read to be hashed.
+
+    ctime catches a same-size rewrite on a file system with coarse mtimes, and cannot be set back by tools.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -441,27 +445,28 @@ class _Index:
 
     def _read(self) -> dict[str, list]:
         try:
-            entries = json.loads(self.path.read_text()).get("entries", {})
+            doc = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable feature cache index %s (%s); files will be re-hashed", self.path, exc)
             return {}
+        entries = doc.get("entries") if isinstance(doc, dict) and doc.get("version") == _INDEX_VERSION else None
         return entries if isinstance(entries, dict) else {}
 
     def lookup(self, path: str, st: os.stat_result) -> str | None:
         entry = self.entries.get(path)
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            return str(entry[2])
+        if isinstance(entry, list) and len(entry) == 4 and entry[:3] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns]:
+            return str(entry[3])
         return None
 
     def record(self, path: str, st: os.stat_result, digest: str) -> None:
-        self.updates[path] = [st.st_size, st.st_mtime_ns, digest]
+        self.updates[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest]
 
     def save(self) -> None:
         # Merge with what another run may have written meanwhile; a lost race only costs a re-hash later.
         entries = {**self._read(), **self.updates}
-        blob = json.dumps({"version": 1, "entries": entries}).encode()
+        blob = json.dumps({"version": _INDEX_VERSION, "entries": entries}).encode()
         _atomic_write(self.path, lambda fh: fh.write(blob))
         self.entries = entries
 

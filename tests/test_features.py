@@ -131,6 +131,18 @@ def test_cache_invalidated_when_file_content_changes(few, tmp_path):
     np.testing.assert_array_equal(after.x, reference.x)
 
 
+def test_damaged_index_only_costs_a_rehash(few, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    first = extract_features(few[:2], FeatureSpec(), cache_dir=cache, workers=1, progress=False)
+    (cache / "index.json").write_text("{truncated")
+    with caplog.at_level(logging.WARNING, logger="p2pser.data.features"):
+        again = extract_features(few[:2], FeatureSpec(), cache_dir=cache, workers=1, progress=False)
+    assert any("unreadable feature cache index" in r.getMessage() for r in caplog.records)
+    assert again.stats["hashed"] == 2 and again.stats["extracted"] == 0
+    np.testing.assert_array_equal(again.x, first.x)
+    assert json.loads((cache / "index.json").read_text())["entries"]  # rewritten
+
+
 def test_identical_content_is_extracted_once(few, tmp_path):
     a = copy_utterances(few[:1], tmp_path / "a")[0]
     b = copy_utterances(few[:1], tmp_path / "b")[0]

@@ -117,6 +117,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
                    str(data_dir), "--config", str(cfg_file), "--out", str(out)]
             procs[k] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         reported: set[int] = set()
+        last_line, tty = "", sys.stdout.isatty()
         while any(p.poll() is None for p in procs.values()):
             time.sleep(1.0)
             for k, p in procs.items():
@@ -124,8 +125,11 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
                     reported.add(k)
                     print(f"\npeer {k} crashed (exit {p.returncode}): {_last_error(peer_dir(out, k))}",
                           file=sys.stderr)
-            if not quiet:
-                print("\r" + _progress_line(read_metrics(out), topology.n).ljust(78), end="", flush=True)
+            line = _progress_line(read_metrics(out), topology.n)
+            if not quiet and line != last_line:
+                # On a terminal one line is rewritten in place; in a log file each change is its own line.
+                print("\r" + line.ljust(78) if tty else line, end="" if tty else "\n", flush=True)
+                last_line = line
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping all peers ...", file=sys.stderr)
@@ -142,7 +146,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
                 p.wait()
         for fh in logs:
             fh.close()
-    if not quiet:
+    if not quiet and sys.stdout.isatty():
         print()
     crashed = sorted(k for k, s in read_status(out).items() if s.get("state") == "crashed")
     base = {

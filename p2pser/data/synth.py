@@ -18,6 +18,7 @@ between the targets of random syllables (consonant + vowel), with pauses between
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import shutil
@@ -43,7 +44,7 @@ N_FFT, HOP = 512, 256  # 32 ms frames at 16 kHz; scaled with the sample rate
 # Expressive parameters, as deltas from a speaker's neutral voice. Ratios are log2 so that every
 # parameter adds: f0 in semitones, range/rate/formant/pause as log2 factors, level and tilt in dB
 # (tilt: dB/octave, positive = steeper = softer, breathier voice), jitter/shimmer as relative period and
-# amplitude perturbation, breath as aspiration level, creak as the fraction of irregular pulses, artic as
+# amplitude perturbation, breath as aspiration level, creak as the fraction of time in creaky voice, artic as
 # the change in vowel-target reach (negative = centralised vowels), tremor as F0 tremor depth (semitones).
 FIELDS = ("f0", "range", "rate", "level", "tilt", "jitter", "shimmer", "breath", "creak", "formant", "artic",
           "pause", "tremor")  # fmt: skip
@@ -55,7 +56,7 @@ PROFILES = {
     "sad":     (-2.0, -0.86, -0.36, -6.0, 4.0, 0.006, 0.02,  0.12,  0.08, -0.03, -0.3,  0.7,  0.0),
     "angry":   (4.0,  0.4,   0.16, 8.0, -4.0,  0.004, 0.02, -0.03,  0.0,  0.043, 0.1, -0.5,  0.0),
     "fearful": (5.0,  0.14,  0.26, 1.0, -1.0,  0.02,  0.03,  0.12,  0.0,  0.05, -0.15, 0.0,  0.8),
-    "disgust": (-2.5, -0.15, -0.29, -1.0, 1.5, 0.008, 0.05,  0.04,  0.45, -0.04, 0.0,  0.3,  0.0),
+    "disgust": (-2.5, -0.15, -0.29, -1.0, 1.5, 0.008, 0.05,  0.04,  0.3,  -0.04, 0.0,  0.3,  0.0),
 }  # fmt: skip
 # Spread of a speaker's habitual deviation from each profile, and of one take from the next.
 SPEAKER_SPREAD = np.array((1.2, 0.2, 0.08, 2.0, 1.2, 0.002, 0.01, 0.03, 0.05, 0.015, 0.06, 0.2, 0.1))
@@ -202,8 +203,8 @@ def _plan(voice: Voice, p: np.ndarray, rng: np.random.Generator) -> _Plan:
 
 
 def _smooth(x: np.ndarray, width: int) -> np.ndarray:
-    kernel = np.hanning(2 * width + 1)
-    padded = np.pad(x, width, mode="edge")
+    kernel = np.hanning(2 * width + 3)[1:-1]
+    padded = np.concatenate((np.full(width, x[0]), x, np.full(width, x[-1])))
     return np.convolve(padded, kernel / kernel.sum(), mode="valid")
 
 
@@ -230,8 +231,10 @@ def _pulses(voice: Voice, p: np.ndarray, plan: _Plan, rng: np.random.Generator, 
     n = int(n_ctrl * sr / CONTROL_RATE)
     max_pulses = int(n_ctrl / CONTROL_RATE * f0.max()) + 2
     noise = rng.normal(0.0, 1.0, (max_pulses, 2))
-    creaky = rng.random(max_pulses) < p[_F["creak"]]
-    stretch = rng.uniform(1.4, 2.2, max_pulses)
+    # Creak (vocal fry) comes in stretches covering about the "creak" fraction of the sentence.
+    wander = _drift(rng, n_ctrl, 15)
+    creaky = wander > np.quantile(wander, 1.0 - min(p[_F["creak"]], 1.0))
+    stretch = rng.uniform(1.6, 2.4, max_pulses)
     jitter, shimmer = p[_F["jitter"]], p[_F["shimmer"]]
     # Index of the next voiced control frame at or after each frame, to jump over silence and noise.
     voiced = plan.voicing >= 0.02
@@ -248,9 +251,9 @@ def _pulses(voice: Voice, p: np.ndarray, plan: _Plan, rng: np.random.Generator, 
             c = int(next_voiced[c])
         period = (1.0 + jitter * noise[k, 0]) / f0[c]
         amp = plan.voicing[c] * (1.0 + shimmer * noise[k, 1])
-        if creaky[k]:  # creak: long irregular cycles with alternating weak pulses
+        if creaky[c]:  # long, irregular cycles with alternating strong and weak pulses
             period *= stretch[k]
-            amp *= 0.5
+            amp *= 1.0 if k % 2 else 0.6
         times.append(t)
         amps.append(amp)
         t += max(period, 1.0 / 800)
@@ -270,39 +273,49 @@ def _pulses(voice: Voice, p: np.ndarray, plan: _Plan, rng: np.random.Generator, 
 def _filter(voice: Voice, p: np.ndarray, plan: _Plan, excitation: np.ndarray, rng: np.random.Generator,
             sr: int) -> np.ndarray:
     """Shape the voiced source and the aspiration and frication noises frame by frame, mix them and return
-    the STFT of the speech. Noise is drawn directly as STFT coefficients: white noise under an envelope that
-    is constant within a frame has (nearly) independent complex Gaussian coefficients, and drawing them is
-    cheaper than transforming noise."""
+    the STFT of the speech (float32 throughout: this is the hot path)."""
     n_fft, hop = _fft_sizes(sr)
     voiced = _stft(excitation, n_fft, hop)
     frames, bins = voiced.shape
     # Control tracks sampled at the STFT frame centres.
     centres = np.minimum((np.arange(frames) * hop / sr * CONTROL_RATE).astype(int), len(plan.voicing) - 1)
-    voicing, frication = plan.voicing[centres][:, None], plan.frication[centres][:, None]
-    freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
+    voicing = plan.voicing[centres].astype(np.float32)[:, None]
+    frication = plan.frication[centres].astype(np.float32)[:, None]
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sr).astype(np.float32)
 
     scale = voice.tract * 2.0 ** p[_F["formant"]]
     upper = np.broadcast_to(np.array(UPPER_FORMANTS) * voice.tract, (frames, 2))
     formants = np.concatenate([plan.formants[centres] * scale, upper], axis=1)
     breath = max(voice.breathiness + p[_F["breath"]], 0.0)
-    tract = _resonances(freqs, formants, BANDWIDTHS * (1.0 + 2.0 * breath), 0.45 * sr).astype(np.float32)
-    tilt_db = -(voice.tilt + p[_F["tilt"]]) * np.log2(np.maximum(freqs, 100.0) / 100.0)
+    tract = _resonances(freqs, formants, BANDWIDTHS * (1.0 + 2.0 * breath), 0.45 * sr)
+    octaves = np.log2(np.maximum(freqs, 100.0) / 100.0)
+    tilt = 10.0 ** (-(voice.tilt + p[_F["tilt"]]) * octaves / 20.0)
 
-    voiced *= tract * 10.0 ** (tilt_db / 20.0)
-    aspiration = voicing * tract * 10.0 ** (0.3 * tilt_db / 20.0)
-    centre = plan.fric_centre[centres][:, None] * voice.tract
-    bump = np.exp(-0.5 * (np.log2(np.maximum(freqs, 50.0) / np.maximum(centre, 1.0)) / 0.5) ** 2)
-    fric = frication * np.where(centre > 0, 0.1 + bump, 0.3) * (freqs > 800)
+    voiced *= tract * tilt.astype(np.float32)
+    aspiration = voicing * tract * (tilt**0.3).astype(np.float32)
+    fric = np.zeros((frames, bins), dtype=np.float32)
+    rows = frication[:, 0] > 1e-3
+    centre = plan.fric_centre[centres][rows][:, None] * voice.tract
+    bump = np.exp(-2.0 * (np.log2(np.maximum(freqs, 50.0)) - np.log2(np.maximum(centre, 1.0))) ** 2)
+    fric[rows] = frication[rows] * np.where(centre > 0, 0.1 + bump, 0.3) * (freqs > 800)
     # Levels relative to the voiced energy of vowels, so that they hold for any F0 and formants. The two
-    # noises rarely overlap in time, so one draw of coefficients serves both (E|z|^2 = 2 per coefficient).
-    ref = _level(voiced, voicing > 0.5) / np.sqrt(2.0)
+    # noises rarely overlap in time, so one draw of coefficients serves both.
+    ref = _level(voiced, voicing > 0.5) / NOISE_RMS
     aspiration *= breath * ref / (_level(aspiration, voicing > 0.5) or 1.0)
     fric *= 0.3 * ref / (_level(fric, frication > 0.1) or 1.0)
-    return voiced + _gaussian(rng, frames, bins) * (aspiration + fric)
+    return voiced + _noise(rng, frames, bins) * (aspiration + fric)
 
 
-def _gaussian(rng: np.random.Generator, frames: int, bins: int) -> np.ndarray:
-    return rng.standard_normal((frames, 2 * bins), dtype=np.float32).view(np.complex64)
+# RMS magnitude of a _noise coefficient: real and imaginary parts uniform on 255 steps of 1/128.
+NOISE_RMS = float(np.sqrt(2.0 * (255**2 - 1) / 12.0) / 128.0)
+
+
+def _noise(rng: np.random.Generator, frames: int, bins: int) -> np.ndarray:
+    """White-noise STFT coefficients. White noise under an envelope that is constant within a frame has
+    independent, zero-mean coefficients; random bytes make them an order of magnitude faster than drawing
+    Gaussians, and after overlap-add of many bins the waveform is Gaussian all the same."""
+    raw = np.frombuffer(rng.bytes(2 * frames * bins), dtype=np.int8).astype(np.float32)
+    return ((raw + 0.5) / 128.0).view(np.complex64).reshape(frames, bins)
 
 
 def _level(spec: np.ndarray, frames: np.ndarray) -> float:
@@ -314,19 +327,17 @@ def _level(spec: np.ndarray, frames: np.ndarray) -> float:
 def _resonances(freqs: np.ndarray, formants: np.ndarray, bandwidths: np.ndarray, limit: float) -> np.ndarray:
     """Magnitude response (frames, bins) of a cascade of second-order resonators, unity gain at 0 Hz.
 
-    Each resonator is (F^2 + h^2) / sqrt(((f - F)^2 + h^2) ((f + F)^2 + h^2)) with h half its bandwidth; the
-    product under the root equals (f^2 - F^2 - h^2)^2 + 4 f^2 h^2, which needs no per-bin square roots.
+    Each resonator is P / sqrt(((f - F)^2 + h^2) ((f + F)^2 + h^2)) with h half its bandwidth and
+    P = F^2 + h^2; the product under the root equals (f^2 - P)^2 + 4 f^2 h^2, so no per-bin roots but one.
     """
-    f2 = freqs**2
-    numerator = np.ones((formants.shape[0], 1))
-    denominator = np.ones((formants.shape[0], len(freqs)))
+    f2 = freqs.astype(np.float32) ** 2
+    squared = np.ones((formants.shape[0], len(freqs)), dtype=np.float32)
     for i in range(formants.shape[1]):
-        h2 = (bandwidths[i] / 2.0) ** 2
-        peak = np.minimum(formants[:, i : i + 1], limit) ** 2 + h2
-        numerator *= peak
+        h2 = np.float32((bandwidths[i] / 2.0) ** 2)
+        peak = (np.minimum(formants[:, i : i + 1], limit) ** 2 + h2).astype(np.float32)
         d = f2 - peak
-        denominator *= d * d + 4.0 * h2 * f2
-    return numerator / np.sqrt(denominator)
+        squared *= (d * d + 4.0 * h2 * f2) / (peak * peak)  # scaled per resonator to stay in float32 range
+    return 1.0 / np.sqrt(squared)
 
 
 def _fft_sizes(sr: int) -> tuple[int, int]:
@@ -335,24 +346,24 @@ def _fft_sizes(sr: int) -> tuple[int, int]:
 
 
 def _stft(x: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
-    window = np.sqrt(np.hanning(n_fft + 1)[:-1])
-    padded = np.pad(x, (n_fft // 2, n_fft))
+    window = np.sqrt(np.hanning(n_fft + 1)[:-1]).astype(np.float32)
+    padded = np.concatenate((np.zeros(n_fft // 2, np.float32), x.astype(np.float32), np.zeros(n_fft, np.float32)))
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
-    return np.fft.rfft((frames * window).astype(np.float32), axis=1)
+    return np.fft.rfft(frames * window, axis=1)
 
 
 def _istft(spec: np.ndarray, n_fft: int, hop: int, n: int) -> np.ndarray:
     # sqrt-Hann analysis and synthesis windows at 50% overlap sum to one: plain overlap-add inverts _stft.
-    window = np.sqrt(np.hanning(n_fft + 1)[:-1])
+    window = np.sqrt(np.hanning(n_fft + 1)[:-1]).astype(np.float32)
     frames = np.fft.irfft(spec, n=n_fft, axis=1) * window
-    out = np.zeros((frames.shape[0] + 1) * hop)
+    out = np.zeros((frames.shape[0] + 1) * hop, dtype=np.float32)
     out[: frames.shape[0] * hop] += frames[:, :hop].reshape(-1)
     out[hop:] += frames[:, hop:].reshape(-1)
     return out[n_fft // 2 : n_fft // 2 + n]
 
 
 def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(x**2))) if x.size else 0.0
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
 
 
 # --- recording -------------------------------------------------------------------------------------------
@@ -364,10 +375,10 @@ def _record(spec: np.ndarray, n: int, voice: Voice, p: np.ndarray, rng: np.rando
     n_fft, hop = _fft_sizes(sr)
     speech = _istft(spec, n_fft, hop, n)
     level_db = -26.0 + p[_F["level"]] + voice.gain_db + rng.normal(0.0, 2.0)
-    speech *= 10.0 ** (level_db / 20.0) / (_rms(speech) or 1.0)
+    speech *= np.float32(10.0 ** (level_db / 20.0) / (_rms(speech) or 1.0))
     freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
-    colour = np.maximum(freqs, 50.0) ** -rng.uniform(0.0, 0.8)  # from white to pink-ish
-    noise = _istft(_gaussian(rng, *spec.shape) * colour, n_fft, hop, n)
+    colour = (np.maximum(freqs, 50.0) ** -rng.uniform(0.0, 0.8)).astype(np.float32)  # white to pink-ish
+    noise = _istft(_noise(rng, *spec.shape) * colour, n_fft, hop, n)
     snr_db = rng.uniform(12.0, 35.0)
     out = speech + noise * _rms(speech) * 10.0 ** (-snr_db / 20.0) / (_rms(noise) or 1.0)
     peak = np.max(np.abs(out))
@@ -405,7 +416,7 @@ def synthesize_corpus(out_dir: str | Path, *, speakers: int = DEFAULT_SPEAKERS,
                 rng = np.random.default_rng([seed, 2, k, e, take])
                 audio = synthesize_utterance(voice, emotion, rng, sample_rate)
                 rel = f"{voice.speaker}/{voice.speaker}_{emotion}_{take + 1:03d}.wav"
-                soundfile.write(out / rel, audio, sample_rate, subtype="PCM_16")
+                (out / rel).write_bytes(_wav_bytes(audio, sample_rate))
                 rows.append((rel, voice.speaker, emotion, voice.sex))
     with (out / "manifest.csv").open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -414,6 +425,13 @@ def synthesize_corpus(out_dir: str | Path, *, speakers: int = DEFAULT_SPEAKERS,
     (out / "folds.json").write_text(json.dumps(_folds(voices, seed), indent=2) + "\n")
     log.info("wrote %d synthetic utterances of %d speakers to %s", len(rows), speakers, out)
     return load_corpus(out / "manifest.csv")
+
+
+def _wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    # Through memory: writing to a path makes libsndfile fsync every file, which dominates the run time.
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, sample_rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
 
 
 def _prepare(out: Path) -> None:

@@ -39,7 +39,7 @@ DEFAULT_PER_EMOTION = 10
 DEFAULT_SAMPLE_RATE = 16000
 
 CONTROL_RATE = 200  # Hz: segment plans and prosody tracks are built at 5 ms resolution
-N_FFT, HOP = 512, 256  # 32 ms frames at 16 kHz; scaled with the sample rate
+N_FFT = 512  # 32 ms frames at 16 kHz (scaled with the sample rate), 50% overlap
 
 # Expressive parameters, as deltas from a speaker's neutral voice. Ratios are log2 so that every
 # parameter adds: f0 in semitones, range/rate/formant/pause as log2 factors, level and tilt in dB
@@ -61,7 +61,6 @@ PROFILES = {
 # Spread of a speaker's habitual deviation from each profile, and of one take from the next.
 SPEAKER_SPREAD = np.array((1.2, 0.2, 0.08, 2.0, 1.2, 0.002, 0.01, 0.03, 0.05, 0.015, 0.06, 0.2, 0.1))
 TAKE_SPREAD = np.array((1.5, 0.25, 0.12, 2.0, 1.5, 0.003, 0.015, 0.04, 0.05, 0.02, 0.08, 0.3, 0.1))
-# Every voice has some jitter and shimmer; perturbations and extra breath, creak, tremor cannot go negative.
 
 
 def _vector(default: float = 0.0, **values: float) -> np.ndarray:
@@ -71,6 +70,7 @@ def _vector(default: float = 0.0, **values: float) -> np.ndarray:
     return v
 
 
+# Every voice has some jitter and shimmer; perturbations and extra creak and tremor cannot go negative.
 BASE = _vector(jitter=0.005, shimmer=0.03)
 FLOOR = _vector(-np.inf, jitter=0.001, shimmer=0.0, creak=0.0, tremor=0.0)
 
@@ -168,7 +168,7 @@ def _plan(voice: Voice, p: np.ndarray, rng: np.random.Generator) -> _Plan:
     add(rng.uniform(0.08, 0.2) * tempo, 0, 0, 0, SCHWA)  # leading silence, not tempo-scaled
     kinds, probs = zip(*ONSETS)
     n_syllables = int(rng.integers(6, 11))
-    for s in range(n_syllables):
+    for i in range(n_syllables):
         vowel = SCHWA + reach * (VOWELS[rng.integers(len(VOWELS))] - SCHWA)
         stressed = rng.random() < 0.3
         kind = kinds[rng.choice(len(kinds), p=probs)]
@@ -184,7 +184,7 @@ def _plan(voice: Voice, p: np.ndarray, rng: np.random.Generator) -> _Plan:
             add(rng.uniform(0.02, 0.04), 0, 0.15, 0, vowel)
         accent = rng.uniform(0.5, 1.0) if stressed else rng.uniform(-0.1, 0.2)
         add(rng.uniform(0.07, 0.15) * (1.4 if stressed else 1.0), 1.0 if stressed else 0.8, 0, 0, vowel, accent)
-        if s < n_syllables - 1 and rng.random() < 0.15:
+        if i < n_syllables - 1 and rng.random() < 0.15:
             add(rng.uniform(0.12, 0.35) * 2.0 ** p[_F["pause"]], 0, 0, 0, SCHWA)
     add(rng.uniform(0.08, 0.2) * tempo, 0, 0, 0, SCHWA)
 
@@ -218,7 +218,8 @@ def _drift(rng: np.random.Generator, n: int, width: int) -> np.ndarray:
 
 
 def _pulses(voice: Voice, p: np.ndarray, plan: _Plan, rng: np.random.Generator, sr: int) -> np.ndarray:
-    """Glottal excitation: one band-limited impulse per glottal cycle, with jitter, shimmer and creak."""
+    """Glottal excitation: one impulse per glottal cycle at its fractional-sample instant (split between
+    two samples), with jitter, shimmer and creak; the glottal spectrum itself is the tilt in _filter."""
     n_ctrl = len(plan.voicing)
     t_ctrl = np.arange(n_ctrl) / CONTROL_RATE
     span = voice.f0_range * 2.0 ** p[_F["range"]]

@@ -1,0 +1,56 @@
+"""``p2pser train``: the centralized baseline, one model per fold on the pooled training speakers."""
+
+from __future__ import annotations
+
+import argparse
+
+from p2pser.cli.features import add_spec_arguments, spec_from_args
+from p2pser.data.features import default_cache_dir
+from p2pser.learn.local import recommended_config
+from p2pser.learn.models import MODEL_NAMES
+from p2pser.run.train import DEFAULT_FEATURES, DEFAULT_MODEL, format_results, train_centralized
+from p2pser.runtime import pin_threads
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="centralized baseline: train on the pooled training speakers of each fold, test on the rest"
+    )
+    p.add_argument("data_dir", metavar="DIR", help="corpus folder (or manifest), as for `p2pser data info`")
+    p.add_argument("--folds", default=None, help="folds file (default DIR/folds.json)")
+    p.add_argument("--fold", default="all", help="fold number, comma list (1,3) or 'all' (default all)")
+    p.add_argument("--test-speakers", default=None, help="comma list of test speakers: one fold instead of --folds")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_NAMES)} (default {DEFAULT_MODEL})")
+    add_spec_arguments(p)
+    # --features is the name users and the simulator know the feature kind by; --kind stays as its alias.
+    p.set_defaults(kind=DEFAULT_FEATURES)
+    p.add_argument("--features", dest="kind", default=argparse.SUPPRESS,
+                   help=f"feature kind, same as --kind (default {DEFAULT_FEATURES})")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model's recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: the model's recipe)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's recipe)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this share of training utterances and keep the epoch with the best validation "
+                        "UA (default 0: train on all, keep the last epoch)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initial weights, shuffling, augmentation")
+    p.add_argument("--threads", type=int, default=2, help="torch/BLAS threads (default 2)")
+    p.add_argument("--workers", type=int, default=None, help="feature extraction processes (default: all CPUs)")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"feature cache folder (default $P2PSER_CACHE_DIR or {default_cache_dir()})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder to create for the results")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    pin_threads(max(1, args.threads))
+    cfg = recommended_config(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    summary = train_centralized(
+        args.data_dir, args.out, folds_path=args.folds, fold=args.fold, test_speakers=args.test_speakers,
+        model_name=args.model, spec=spec_from_args(args), train_cfg=cfg, seed=args.seed,
+        val_fraction=args.val_fraction, cache_dir=args.cache_dir, workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(format_results(summary))
+    print(f"results: {args.out}/summary.json, confusion matrix: {args.out}/confusion.png")
+    return 0

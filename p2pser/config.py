@@ -35,6 +35,7 @@ class RunConfig:
     fold: int = field(default=1, **_opt("fold number (1-based) whose test speakers are held out"))
     test_speakers: str | None = field(default=None, **_opt("comma list of test speakers instead of --folds"))
     features: str = field(default="logmel", **_opt("feature kind, e.g. mfcc, logmel, mfcc+chroma"))
+    max_seconds: float = field(default=4.0, **_opt("utterances are cropped or zero-padded to this length"))
     model: str = field(default="cnn1d", **_opt("model name from the registry"))
     algorithm: str = field(default="dpsgd", **_opt("learning algorithm", choices=ALGORITHMS))
     rounds: int = field(default=30, **_opt("rounds (dpsgd, fedavg) or local update blocks (gossip)"))
@@ -53,7 +54,7 @@ class RunConfig:
     )
     patience: int = field(default=5, **_opt("rounds of flat validation UA that count as converged"))
     time_budget: float = field(default=0.0, **_opt("stop after this many seconds (0 = no limit)"))
-    cache_dir: str | None = field(default=None, **_opt("feature cache folder (default ~/.cache/p2pser)"))
+    cache_dir: str | None = field(default=None, **_opt("feature cache folder (default $P2PSER_CACHE_DIR or ~/.cache/p2pser/features)"))
 
     def __post_init__(self) -> None:
         for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS)):
@@ -62,7 +63,7 @@ class RunConfig:
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
             if getattr(self, name) < 1:
                 raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "alpha", "round_timeout", "startup_timeout"):
+        for name in ("lr", "alpha", "round_timeout", "startup_timeout", "max_seconds"):
             if not getattr(self, name) > 0:
                 raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -98,6 +98,12 @@ def _row(peer: Peer, round_: int, loss: float, distance: float | None, heard: Se
     return row
 
 
+def _suspects_after(suspects: set[int], neighbours: Sequence[int], got: Gathered) -> set[int]:
+    """Neighbours not to wait for next round: those that missed this deadline, until heard from again."""
+    missing = set(neighbours) - set(got.messages)
+    return (suspects | missing) - set(got.heard) - set(got.messages)
+
+
 def dpsgd(peer: Peer, start_round: int = 0) -> Algorithm:
     """Synchronous D-PSGD: local steps, send to all neighbours, wait for their model of the same round up to
     a deadline, then average with Metropolis-Hastings weights renormalised over what arrived.
@@ -115,7 +121,7 @@ def dpsgd(peer: Peer, start_round: int = 0) -> Algorithm:
         yield Send(tuple(peer.neighbours), peer.encode(own, r))
         timeout = cfg.startup_timeout if r == start_round else cfg.round_timeout
         got: Gathered = yield Gather("model", r, frozenset(peer.neighbours) - suspects, timeout)
-        suspects = (suspects | (set(peer.neighbours) - set(got.messages))) - set(got.heard)
+        suspects = _suspects_after(suspects, peer.neighbours, got)
         distance = peer.mix(own, got.messages, peer.mix_weights)
         row = _row(peer, r, loss, distance, list(got.messages))
         elapsed = yield Record(row)
@@ -137,7 +143,7 @@ def fedavg(peer: Peer, start_round: int = 0, hub: int = 0) -> Algorithm:
         if peer.id == hub:
             timeout = cfg.startup_timeout if first else cfg.round_timeout
             got: Gathered = yield Gather("model", r, frozenset(peer.neighbours) - suspects, timeout)
-            suspects = (suspects | (set(peer.neighbours) - set(got.messages))) - set(got.heard)
+            suspects = _suspects_after(suspects, peer.neighbours, got)
             weights = {peer.id: peer.samples} | {s: m.samples for s, m in got.messages.items()}
             distance = peer.mix(own, got.messages, weights)
             yield Send(tuple(peer.neighbours), peer.encode(peer.snapshot(), r))

@@ -26,6 +26,7 @@ class Inbox:
         self._by_round: dict[tuple[str, int], dict[int, Message]] = defaultdict(dict)
         self._latest: dict[int, Message] = {}
         self._last_round: dict[int, int] = {}  # survives drain(), so a replayed old model is refused
+        self._newest: dict[tuple[str, int], int] = {}  # (kind, sender) -> newest synchronous round seen
 
     def add(self, message: Message, *, synchronous: bool = True) -> str | None:
         """File a decoded message; return why it was refused, or None when it was accepted."""
@@ -48,11 +49,15 @@ class Inbox:
         if message.sender in slot:
             return f"duplicate {message.kind} for round {message.round} from {message.sender}"
         slot[message.sender] = message
+        key = (message.kind, message.sender)
+        self._newest[key] = max(self._newest.get(key, -1), message.round)
         return None
 
     def has_all(self, kind: str, round_: int, senders: Iterable[int]) -> bool:
+        """True when each sender delivered this round, or a later one: a neighbour that restarted ahead of
+        us has skipped this round and will never send it, so waiting for it would only burn the deadline."""
         slot = self._by_round.get((kind, round_), {})
-        return all(s in slot for s in senders)
+        return all(s in slot or self._newest.get((kind, s), -1) > round_ for s in senders)
 
     def take(self, kind: str, round_: int) -> dict[int, Message]:
         """Everything for (kind, round) from any neighbour; that round and earlier ones become stale."""

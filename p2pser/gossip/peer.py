@@ -39,6 +39,7 @@ class PeerData:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    lengths_test: np.ndarray  # valid frames per test utterance: padding stays exactly zero when normalised
     classes: list[str]
     normalizer: Normalizer
 
@@ -47,27 +48,30 @@ class PeerData:
         cls,
         x: np.ndarray,
         y: np.ndarray,
+        lengths: np.ndarray,
         own: np.ndarray,
-        x_test: np.ndarray,
-        y_test: np.ndarray,
+        test: tuple[np.ndarray, np.ndarray, np.ndarray],
         classes: Sequence[str],
         *,
         val_fraction: float,
         seed: int,
     ) -> PeerData:
-        """Split the peer's own rows ``own`` of ``x`` into train and validation; the test arrays are shared."""
+        """Split the peer's own rows ``own`` of ``x`` into train and validation; ``test`` = (x, y, lengths)
+        of the fold's test set, shared, not copied."""
         rng = np.random.default_rng(seed)
         own = rng.permutation(np.asarray(own))
         n_val = round(len(own) * val_fraction) if len(own) > 2 else 0
         val, train = own[:n_val], own[n_val:]
-        normalizer = Normalizer.fit(x[train])
+        normalizer = Normalizer.fit(x[train], lengths[train])
+        x_test, y_test, lengths_test = test
         return cls(
-            x_train=normalizer.apply(x[train]),
+            x_train=normalizer.apply(x[train], lengths[train]),
             y_train=y[train],
-            x_val=normalizer.apply(x[val]),
+            x_val=normalizer.apply(x[val], lengths[val]),
             y_val=y[val],
             x_test=x_test,
             y_test=y_test,
+            lengths_test=lengths_test,
             classes=list(classes),
             normalizer=normalizer,
         )
@@ -149,7 +153,8 @@ class Peer:
         if len(data.y_val):
             row["val_ua"] = evaluate(self.model, data.x_val, data.y_val, data.classes)["ua"]
         if len(data.y_test):
-            report = evaluate(self.model, data.normalizer.apply(data.x_test), data.y_test, data.classes)
+            x_test = data.normalizer.apply(data.x_test, data.lengths_test)
+            report = evaluate(self.model, x_test, data.y_test, data.classes)
             row.update(test_ua=report["ua"], test_wa=report["wa"], test_macro_f1=report["macro_f1"])
         self.timings["eval"] += time.perf_counter() - t0
         return row

@@ -100,7 +100,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
     # Fill the feature cache once, in parallel; every peer then reads its own rows from it.
     needed = np.unique(np.concatenate([*plan.peers, plan.test]))
     features, row_of = extract_for(plan, needed, cfg, progress=not quiet)
-    x_test, y_test = test_set(features, row_of, plan)
+    test = test_set(features, row_of, plan)
     del features
 
     procs: dict[int, subprocess.Popen] = {}
@@ -160,5 +160,5 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
         "interrupted": interrupted,
         "crashed_peers": crashed,
     }
-    ua_avg = average_model_ua(out, cfg.model, cfg.seed, x_test, y_test, plan.classes)
+    ua_avg = average_model_ua(out, cfg.model, cfg.seed, test, plan.classes)
     return summarize(out, base, wall_s=time.monotonic() - start, ua_average_model=ua_avg)

@@ -48,13 +48,13 @@ def hub_of(topology: Topology) -> int:
 
 
 def build_peer(plan: Plan, topology: Topology, peer_id: int, cfg: RunConfig, features: FeatureSet,
-               row_of: dict[int, int], test: tuple[np.ndarray, np.ndarray]) -> Peer:
+               row_of: dict[int, int], test: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Peer:
     """The one way a peer is assembled, shared by real processes and the simulator.
 
-    ``test`` is the fold's test set (x, y), passed in so that simulated peers share one copy.
+    ``test`` is the fold's test set (x, y, lengths), passed in so that simulated peers share one copy.
     """
     data = PeerData.from_arrays(
-        features.x, features.labels, rows(row_of, plan.peers[peer_id]), *test, plan.classes,
+        features.x, features.labels, features.lengths, rows(row_of, plan.peers[peer_id]), test, plan.classes,
         val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id,
     )
     if len(data.y_train) == 0:

@@ -70,7 +70,7 @@ def make_plan(data_dir: str | Path, cfg: RunConfig, n_peers: int | None = None) 
 
 
 def feature_spec(cfg: RunConfig) -> FeatureSpec:
-    return FeatureSpec(kind=cfg.features)
+    return FeatureSpec(kind=cfg.features, max_seconds=cfg.max_seconds)
 
 
 def extract_for(
@@ -96,6 +96,7 @@ def rows(mapping: dict[int, int], indices: np.ndarray) -> np.ndarray:
     return np.array([mapping[int(i)] for i in indices if int(i) in mapping], dtype=np.int64)
 
 
-def test_set(features: FeatureSet, row_of: dict[int, int], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+def test_set(features: FeatureSet, row_of: dict[int, int], plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, labels, lengths) of the fold's test utterances that could be read."""
     test_rows = rows(row_of, plan.test)
-    return features.x[test_rows], features.labels[test_rows]
+    return features.x[test_rows], features.labels[test_rows], features.lengths[test_rows]

@@ -138,8 +138,8 @@ def plot_run(run_dir: Path, metrics: dict[int, list[dict]], consensus: dict[int,
     plt.close(fig)
 
 
-def average_model_ua(run_dir: Path, model_name: str, seed: int, x_test: np.ndarray, y_test: np.ndarray,
-                     classes: list[str]) -> float | None:
+def average_model_ua(run_dir: Path, model_name: str, seed: int,
+                     test: tuple[np.ndarray, np.ndarray, np.ndarray], classes: list[str]) -> float | None:
     """UA of the plain average of all peers' final models: how good the consensus model is.
 
     Each peer normalises inputs with its own statistics, so the average model is scored under peers'
@@ -151,6 +151,7 @@ def average_model_ua(run_dir: Path, model_name: str, seed: int, x_test: np.ndarr
     from p2pser.learn.local import evaluate
     from p2pser.learn.models import build_model
 
+    x_test, y_test, lengths = test
     saved = load_models(Path(run_dir))
     if not saved or len(y_test) == 0:
         return None
@@ -163,5 +164,5 @@ def average_model_ua(run_dir: Path, model_name: str, seed: int, x_test: np.ndarr
     model.load_state_dict(state)
     # At most 16 normalisers, spread over the peers: enough for the mean, cheap with hundreds of peers.
     norms = [norm for _, _, norm in saved[:: max(1, len(saved) // 16)]]
-    uas = [evaluate(model, Normalizer.from_dict(norm).apply(x_test), y_test, classes)["ua"] for norm in norms]
+    uas = [evaluate(model, Normalizer.from_dict(norm).apply(x_test, lengths), y_test, classes)["ua"] for norm in norms]
     return float(np.mean(uas))

@@ -92,14 +92,14 @@ class Simulator:
         while self._queue:
             at, _, i, epoch, kind, payload = heapq.heappop(self._queue)
             s = self.sim[i]
-            if epoch != s.epoch and kind != "rejoin":
-                continue
+            if (epoch != s.epoch and kind != "rejoin") or (kind == "timeout" and s.waiting is not payload):
+                continue  # an event of an earlier life, or a deadline whose wait already ended
             self.now = at
             if kind == "resume":
                 self._advance(i, payload)
             elif kind == "deliver":
                 self._deliver(i, payload)
-            elif kind == "timeout" and s.waiting is payload:
+            elif kind == "timeout":
                 self._resolve_gather(i)
             elif kind == "rejoin":
                 self._rejoin(i, payload)
@@ -253,5 +253,5 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         # encoding, decoding, the event loop and bookkeeping.
         "overhead_fraction": round(max(loop_s - training_s, 0.0) / max(loop_s, 1e-9), 4),
     }
-    ua_avg = average_model_ua(out_dir, cfg.model, cfg.seed, *test, plan.classes)
+    ua_avg = average_model_ua(out_dir, cfg.model, cfg.seed, test, plan.classes)
     return summarize(out_dir, base, wall_s=time.monotonic() - start, ua_average_model=ua_avg)

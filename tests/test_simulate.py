@@ -1,0 +1,131 @@
+"""The simulator: determinism, each fault kind, sweeps through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2pser.cli import main
+from p2pser.config import RunConfig
+from p2pser.data.synth import synthesize_corpus
+from p2pser.errors import UserError
+from p2pser.gossip.topology import make_topology
+from p2pser.run.network_sim import Distribution, FaultPlan, Outage
+from p2pser.run.plan import extract_for, make_plan
+from p2pser.run.report import load_models, read_metrics
+from p2pser.run.simulate import simulate_run
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("synth")
+    synthesize_corpus(corpus, speakers=6, per_emotion=6, seed=5)
+    cfg = RunConfig(model="svm", features="mfcc", max_seconds=1.5, partition="dirichlet", alpha=0.3, rounds=12,
+                    local_steps=4,
+                    cache_dir=str(tmp_path_factory.mktemp("cache")), eval_every=4)
+    plan = make_plan(corpus, cfg, N)
+    needed = np.unique(np.concatenate([*plan.peers, plan.test]))
+    features, row_of = extract_for(plan, needed, cfg)
+    return corpus, cfg, plan, features, row_of
+
+
+def run(setup, tmp_path: Path, name: str, faults: FaultPlan | None = None, kind: str = "ring", **changes) -> dict:
+    _, cfg, plan, features, row_of = setup
+    faults = faults or FaultPlan()
+    cfg = cfg.replace(**changes)
+    topology = make_topology(kind, N)
+    return simulate_run(plan, topology, kind, cfg, faults, tmp_path / name, features=features, row_of=row_of)
+
+
+def metrics_without_time(run_dir: Path) -> dict:
+    return {p: [{k: v for k, v in r.items() if k != "time"} for r in rows] for p, rows in read_metrics(run_dir).items()}
+
+
+def test_same_seed_same_metrics_run_after_run(setup, tmp_path):
+    faults = FaultPlan(drop=0.2, delay=Distribution("exp", (0.02,)), step_time=Distribution("uniform", (0.01, 0.05)))
+    a = run(setup, tmp_path, "a", faults, algorithm="gossip")
+    b = run(setup, tmp_path, "b", faults, algorithm="gossip")
+    ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert ma == mb  # virtual time included: the whole schedule repeats
+    assert a["ua_mean"] == b["ua_mean"] and a["bytes_sent_total"] == b["bytes_sent_total"]
+    run(setup, tmp_path, "c", faults, algorithm="gossip", seed=1)
+    assert metrics_without_time(tmp_path / "c") != metrics_without_time(tmp_path / "a")
+
+
+def test_drops_reduce_bytes_received(setup, tmp_path):
+    run(setup, tmp_path, "clean")
+    run(setup, tmp_path, "lossy", FaultPlan(drop=0.5))
+    received = {name: sum(rows[-1]["bytes_received"] for rows in read_metrics(tmp_path / name).values())
+                for name in ("clean", "lossy")}
+    sent = {name: sum(rows[-1]["bytes_sent"] for rows in read_metrics(tmp_path / name).values())
+            for name in ("clean", "lossy")}
+    assert sent["clean"] == sent["lossy"]  # dpsgd still sends every round
+    assert 0.3 < received["lossy"] / received["clean"] < 0.7
+
+
+def _cross_cut_distance(run_dir: Path) -> float:
+    """Distance between the mean final models of the lower and the upper half of the peer ids."""
+    models = {p: params for p, params, _ in load_models(run_dir)}
+    halves = [[models[p] for p in range(N // 2)], [models[p] for p in range(N // 2, N)]]
+    means = [{k: np.mean([m[k] for m in half], axis=0) for k in half[0]} for half in halves]
+    return float(np.sqrt(sum(np.sum((means[0][k] - means[1][k]) ** 2) for k in means[0])))
+
+
+def test_partition_stops_consensus_across_the_cut_until_it_heals(setup, tmp_path):
+    run(setup, tmp_path, "whole")
+    run(setup, tmp_path, "cut", FaultPlan(partition=(1, 1000)))
+    run(setup, tmp_path, "healed", FaultPlan(partition=(1, 6)))
+    whole, cut, healed = (_cross_cut_distance(tmp_path / n) for n in ("whole", "cut", "healed"))
+    assert cut > 3 * whole
+    assert healed < cut / 2
+    # On a ring, peers at the cut hear one neighbour during the partition and two after it heals.
+    rows = read_metrics(tmp_path / "healed")[0]
+    assert [r["heard"] for r in rows if 2 <= r["round"] < 6] == [1] * 4
+    assert rows[-1]["heard"] == 2
+
+
+def test_a_crashed_peer_neighbours_keep_going_and_it_rejoins(setup, tmp_path):
+    run(setup, tmp_path, "churn", FaultPlan(churn=(Outage(3, 2, 8), Outage(5, 4, None))))
+    metrics = read_metrics(tmp_path / "churn")
+    for p in (2, 4, 6):  # neighbours of the crashed peers on the ring
+        assert metrics[p][-1]["round"] == 11
+    rounds3 = [r["round"] for r in metrics[3]]
+    assert rounds3 == [0, 1, 2, *range(8, 12)]  # down after round 2, back for rounds 8..11
+    assert [r["round"] for r in metrics[5]] == [0, 1, 2, 3, 4]
+    # Peer 4 lost both neighbours (3 back at round 8, 5 for good): it went on alone, then with peer 3.
+    assert [r["heard"] for r in metrics[4] if 5 <= r["round"]] == [0, 0, 0, 1, 1, 1, 1]
+    summary = json.loads((tmp_path / "churn" / "summary.json").read_text())
+    assert summary["per_peer"][5]["state"] == "crashed"
+
+
+def test_stragglers_slow_the_virtual_clock_not_the_result(setup, tmp_path):
+    fast = run(setup, tmp_path, "fast")
+    slow = run(setup, tmp_path, "slow", FaultPlan(stragglers=0.25, straggler_factor=10.0))
+    assert slow["virtual_time_s"] > 3 * fast["virtual_time_s"]
+    assert slow["ua_mean"] == pytest.approx(fast["ua_mean"])  # dpsgd waits: same models, later
+
+
+def test_cli_sweep_writes_comparison_and_rejects_bad_faults(setup, tmp_path, capsys):
+    corpus, cfg, *_ = setup
+    common = [str(corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--rounds", "4",
+              "--local-steps", "2",
+              "--cache-dir", cfg.cache_dir, "--peers", "4", "--partition", "iid"]
+    assert main(["simulate", *common, "--topology", "ring,complete", "--algorithm", "dpsgd,gossip",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    out = tmp_path / "sweep"
+    table = (out / "comparison.md").read_text()
+    for label in ("ring-dpsgd", "ring-gossip", "complete-dpsgd", "complete-gossip"):
+        assert label in table
+        assert json.loads((out / label / "summary.json").read_text())["mode"] == "simulate"
+    assert (out / "comparison.png").stat().st_size > 0
+    assert main(["simulate", *common, "--delay", "gauss:1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--delay 'gauss:1' is not a distribution" in capsys.readouterr().err
+    with pytest.raises(UserError, match="churn entry"):
+        from p2pser.run.network_sim import parse_churn
+
+        parse_churn("3@x", 4)

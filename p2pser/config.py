@@ -21,6 +21,7 @@ from p2pser.errors import UserError
 
 ALGORITHMS = ("dpsgd", "gossip", "fedavg")
 PARTITIONS = ("speaker", "dirichlet", "iid")
+SECURITY = ("auto", "on", "off")
 
 
 def _opt(help_text: str, **choices: Any) -> dict:
@@ -55,9 +56,13 @@ class RunConfig:
     patience: int = field(default=5, **_opt("rounds of flat validation UA that count as converged"))
     time_budget: float = field(default=0.0, **_opt("stop after this many seconds (0 = no limit)"))
     cache_dir: str | None = field(default=None, **_opt("feature cache folder (default $P2PSER_CACHE_DIR or ~/.cache/p2pser/features)"))
+    security: str = field(
+        default="auto", **_opt("CurveZMQ encryption and key checks (auto: on when peers span hosts)", choices=SECURITY)
+    )
+    keys: str | None = field(default=None, **_opt("key folder of `p2pser keys new`, or this peer's peer-K.key file"))
 
     def __post_init__(self) -> None:
-        for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS)):
+        for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):

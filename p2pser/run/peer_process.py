@@ -25,6 +25,7 @@ from p2pser.gossip.topology import Topology, metropolis_hastings_weights
 from p2pser.gossip.transport import ZmqTransport
 from p2pser.run.plan import Plan, extract_for, make_plan, rows, test_set
 from p2pser.runtime import ensure_numba_cache, pin_threads
+from p2pser.security import curve_config, log_zap_decisions, security_on
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
     peer = None
     try:
         hub = hub_of(topology) if cfg.algorithm == "fedavg" else 0
+        # Keys are checked before feature extraction: a missing key file should not cost minutes first.
+        curve = curve_config(topology, peer_id, cfg.keys) if security_on(cfg.security, topology) else None
+        if curve is not None:
+            log_zap_decisions()
         plan = make_plan(data_dir, cfg, topology.n)
         needed = np.concatenate([plan.peers[peer_id], plan.test])
         features, row_of = extract_for(plan, needed, cfg, workers=1)
@@ -91,6 +96,7 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
             f"tcp://{host}:{topology.peers[peer_id].port}",
             {j: topology.endpoint(j) for j in peer.neighbours},
             linger_ms=2000,  # let the last round's models reach slower neighbours after we finish
+            curve=curve,
         )
         try:
             metrics = MetricsWriter(folder / "metrics.jsonl")

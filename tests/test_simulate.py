@@ -129,3 +129,15 @@ def test_cli_sweep_writes_comparison_and_rejects_bad_faults(setup, tmp_path, cap
         from p2pser.run.network_sim import parse_churn
 
         parse_churn("3@x", 4)
+
+
+def test_centralized_baseline_trains_with_the_peers_settings(setup, tmp_path):
+    from p2pser.run.sweep import run_baseline
+
+    corpus, cfg, *_ = setup
+    cfg = cfg.replace(lr=0.05)
+    summary = run_baseline(corpus, cfg, 8, tmp_path / "baseline")
+    assert summary["train_config"]["lr"] == 0.05  # not TrainConfig's default: the same recipe as the peers
+    assert summary["train_config"]["batch_size"] == cfg.batch_size
+    assert summary["feature_spec"]["max_seconds"] == cfg.max_seconds
+    assert summary["feature_spec"]["kind"] == cfg.features

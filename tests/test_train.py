@@ -30,15 +30,16 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_train_end_to_end(synth_corpus: Path, cache: Path, tmp_path: Path):
     out = tmp_path / "run"
-    proc = _train([str(synth_corpus), "--fold", "all", "--model", "cnn1d-shallow", "--features", "mfcc",
-                   "--max-seconds", "1.5", "--epochs", "6", "--threads", "1", "--workers", "1",
+    proc = _train([str(synth_corpus), "--fold", "1,3", "--model", "cnn1d-shallow", "--features", "mfcc",
+                   "--max-seconds", "1.5", "--epochs", "5", "--threads", "1", "--workers", "1",
                    "--cache-dir", str(cache), "--no-progress", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "centralized" and summary["model"] == "cnn1d-shallow"
     assert summary["features"] == "mfcc"
-    folds = json.loads((synth_corpus / "folds.json").read_text())["folds"]
-    assert [f["fold"] for f in summary["per_fold"]] == list(range(1, len(folds) + 1))
+    all_folds = json.loads((synth_corpus / "folds.json").read_text())["folds"]
+    folds = [all_folds[0], all_folds[2]]
+    assert [f["fold"] for f in summary["per_fold"]] == [1, 3]
     for row, fold in zip(summary["per_fold"], folds, strict=True):
         assert row["test_speakers"] == sorted(fold["test_speakers"])
         assert 0.0 <= row["ua"] <= 1.0 and 0.0 <= row["wa"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
@@ -54,7 +55,7 @@ def test_train_end_to_end(synth_corpus: Path, cache: Path, tmp_path: Path):
     frames = 1 + round(spec["max_seconds"] * spec["sample_rate"]) // round(spec["sample_rate"] * spec["hop_ms"] / 1000)
     build_model("cnn1d-shallow", 3 * spec["n_mfcc"], frames, n_classes).load_state_dict(state)
     metrics = json.loads((out / "fold-1" / "metrics.json").read_text())
-    assert len(metrics["history"]) == 6 and "confusion" in metrics
+    assert len(metrics["history"]) == 5 and "confusion" in metrics
     assert "UA" in proc.stdout and "mean" in proc.stdout
 
 

@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="hold out this share of training utterances and keep the epoch with the best validation "
                         "UA (default 0: train on all, keep the last epoch)")
     p.add_argument("--seed", type=int, default=0, help="seed for initial weights, shuffling, augmentation")
-    p.add_argument("--threads", type=int, default=2, help="torch/BLAS threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/BLAS threads (default 1: fastest when other work shares the cores)")
     p.add_argument("--workers", type=int, default=None, help="feature extraction processes (default: all CPUs)")
     p.add_argument("--cache-dir", default=None,
                    help=f"feature cache folder (default $P2PSER_CACHE_DIR or {default_cache_dir()})")

@@ -37,8 +37,8 @@ from p2pser.run.plots import confusion_plot
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "cnn1d"
-DEFAULT_FEATURES = "logmel"
+DEFAULT_MODEL = "cnn1d-shallow"
+DEFAULT_FEATURES = "mfcc"
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from p2pser.config import RunConfig
 from p2pser.gossip import algorithms
@@ -61,11 +62,12 @@ def _frame_bytes(frames: list) -> int:
 
 class Simulator:
     def __init__(self, peers: list[Peer], topology: Topology, cfg: RunConfig, faults: FaultPlan,
-                 out_dir: Path, *, hub: int = 0) -> None:
+                 out_dir: Path, *, hub: int = 0, progress: bool = False) -> None:
         self.topology = topology
         self.cfg = cfg
         self.faults = faults
         self.hub = hub
+        self.show_progress = progress
         self.now = 0.0
         self.rng = np.random.default_rng([cfg.seed, 23])
         self.step_seconds = faults.step_seconds(len(peers), cfg.seed)
@@ -89,6 +91,8 @@ class Simulator:
     def run(self) -> None:
         for i in range(len(self.sim)):
             self._schedule(0.0, i, "resume")
+        self._progress = tqdm(total=len(self.sim) * self.cfg.rounds, desc="peer rounds", unit="round",
+                              disable=not self.show_progress, leave=False)
         while self._queue:
             at, _, i, epoch, kind, payload = heapq.heappop(self._queue)
             s = self.sim[i]
@@ -103,6 +107,7 @@ class Simulator:
                 self._resolve_gather(i)
             elif kind == "rejoin":
                 self._rejoin(i, payload)
+        self._progress.close()
         for s in self.sim:
             s.metrics.close()
 
@@ -185,6 +190,7 @@ class Simulator:
     def _record(self, i: int, row: dict) -> float | None:
         s = self.sim[i]
         s.round = row["round"]
+        self._progress.update(1)
         s.metrics.write(row | {"time": round(self.now, 6), "bytes_sent": s.bytes_sent,
                                "bytes_received": s.bytes_received, "dropped": s.dropped})
         self._maybe_rejoin_others(s.round)
@@ -222,7 +228,7 @@ class Simulator:
 
 
 def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunConfig, faults: FaultPlan,
-                 out_dir: Path, *, features=None, row_of=None) -> dict:
+                 out_dir: Path, *, features=None, row_of=None, progress: bool = False) -> dict:
     """One simulated run into ``out_dir``; ``features`` may be passed in to share them across a sweep."""
     from p2pser.run.report import average_model_ua, summarize
 
@@ -234,7 +240,7 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     hub = hub_of(topology) if cfg.algorithm == "fedavg" else 0
     test = test_set(features, row_of, plan)
     peers = [build_peer(plan, topology, k, cfg, features, row_of, test) for k in range(topology.n)]
-    sim = Simulator(peers, topology, cfg, faults, out_dir, hub=hub)
+    sim = Simulator(peers, topology, cfg, faults, out_dir, hub=hub, progress=progress)
     t0 = time.perf_counter()
     sim.run()
     loop_s = time.perf_counter() - t0

@@ -86,6 +86,20 @@ def test_four_peers_converge_and_learn(tmp_path, corpus, cache_dir):
     for k in range(4):
         assert (run / f"peer-{k:03d}" / "model.npz").exists()
 
+    # The simulator runs the same peer code: with the same seed and options it must tell the same story.
+    sim = tmp_path / "sim"
+    result = p2pser("simulate", corpus, "--topology", topo, "--out", sim, "--rounds", 14, "--cache-dir", cache_dir,
+                    *FAST, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    simulated = json.loads((sim / "summary.json").read_text())
+    assert simulated["mode"] == "simulate"
+    assert abs(simulated["ua_mean"] - summary["ua_mean"]) <= 0.01
+    launched_cd = summary["consensus_distance_per_round"]
+    simulated_cd = simulated["consensus_distance_per_round"]
+    assert launched_cd.keys() == simulated_cd.keys()
+    for r in launched_cd:
+        assert simulated_cd[r] == pytest.approx(launched_cd[r], rel=0.05)
+
 
 def _start_peer(topo: Path, k: int, corpus: Path, run: Path, cache_dir: Path, *extra) -> subprocess.Popen:
     log = open(run / f"peer{k}.log", "w")  # noqa: SIM115 -- the child owns it

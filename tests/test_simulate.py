@@ -103,6 +103,11 @@ def test_a_crashed_peer_neighbours_keep_going_and_it_rejoins(setup, tmp_path):
     assert summary["per_peer"][5]["state"] == "crashed"
 
 
+def test_convergence_stop_rule_ends_the_run_early(setup, tmp_path):
+    summary = run(setup, tmp_path, "converged", consensus_threshold=1e9, patience=2, eval_every=1)
+    assert summary["rounds"] < 12
+
+
 def test_stragglers_slow_the_virtual_clock_not_the_result(setup, tmp_path):
     fast = run(setup, tmp_path, "fast")
     slow = run(setup, tmp_path, "slow", FaultPlan(stragglers=0.25, straggler_factor=10.0))
@@ -123,6 +128,9 @@ def test_cli_sweep_writes_comparison_and_rejects_bad_faults(setup, tmp_path, cap
         assert label in table
         assert json.loads((out / label / "summary.json").read_text())["mode"] == "simulate"
     assert (out / "comparison.png").stat().st_size > 0
+    import torch
+
+    assert torch.get_num_threads() == 1  # pinned: many small models share the cores
     assert main(["simulate", *common, "--delay", "gauss:1", "--out", str(tmp_path / "bad")]) == 2
     assert "--delay 'gauss:1' is not a distribution" in capsys.readouterr().err
     with pytest.raises(UserError, match="churn entry"):

@@ -71,6 +71,7 @@ class _StopRule:
         self.config = config
         self.best_val = -1.0
         self.flat_rounds = 0
+        self.distance: float | None = None  # last measured: a round that heard nobody measures nothing
 
     def done(self, row: dict, elapsed: float) -> bool:
         cfg = self.config
@@ -81,11 +82,12 @@ class _StopRule:
                 self.best_val, self.flat_rounds = row["val_ua"], 0
             else:
                 self.flat_rounds += cfg.eval_every
-        distance = row.get("consensus_distance")
+        if row.get("consensus_distance") is not None:
+            self.distance = row["consensus_distance"]
         return bool(
             cfg.consensus_threshold
-            and distance is not None
-            and distance < cfg.consensus_threshold
+            and self.distance is not None
+            and self.distance < cfg.consensus_threshold
             and self.flat_rounds >= cfg.patience
         )
 

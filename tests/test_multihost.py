@@ -1,5 +1,5 @@
-"""Launching on many hosts: the SSH launcher across three namespaces (remote shell: ``ip netns exec``), and the
-Slurm batch script under a faked ``srun``."""
+"""Launching on many hosts: the SSH launcher across three namespaces of the test bed (remote shell: ``ip netns
+exec``) with a partition and its healing, and the Slurm batch script under a faked ``srun``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,25 +74,44 @@ def test_slurm_script_runs_one_peer_per_task_under_a_faked_srun(tmp_path, synth_
                     "done\nfor p in \"${pids[@]}\"; do wait $p || status=$?; done\nexit $status\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     run = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NTASKS="3",
-               SLURM_JOB_NODELIST="localhost", SLURM_TASKS_PER_NODE="3", DATA=str(synth_corpus), RUN=str(run),
-               KIND="ring", BASE_PORT=str(free_base_port(3)), PYTHON=sys.executable)
-    result = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--security", "on", "--rounds", "6",
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NTASKS="2",
+               SLURM_JOB_NODELIST="localhost", SLURM_TASKS_PER_NODE="2", DATA=str(synth_corpus), RUN=str(run),
+               KIND="ring", BASE_PORT=str(free_base_port(2)), PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--security", "on", "--rounds", "4",
                              "--cache-dir", str(feature_cache), *FAST], env=env, capture_output=True, text=True,
                             timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["mode"] == "slurm" and summary["peers"] == 3 and summary["rounds"] == 6
+    assert summary["mode"] == "slurm" and summary["peers"] == 2 and summary["rounds"] == 4
     assert summary["security"] is True and summary["crashed_peers"] == []
     topo = load_topology(run / "topology.toml")
     assert all(p.host == "127.0.0.1" and p.public_key for p in topo.peers)
-    assert stat.S_IMODE((run / "keys" / "peer-2.key").stat().st_mode) == 0o600
-    assert summary["ua_mean"] > CHANCE
+    assert stat.S_IMODE((run / "keys" / "peer-1.key").stat().st_mode) == 0o600
+    # Each task heard the other over CurveZMQ, and the peers agreed more by the end.
+    assert all(p["rounds"] == 4 and p["ua"] is not None for p in summary["per_peer"])
+    assert summary["consensus_distance_last"] < summary["consensus_distance_first"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait(condition, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        assert proc.poll() is None, f"the launcher exited early while waiting until {what}"
+        time.sleep(0.2)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-def test_launch_hosts_runs_a_secured_mesh_across_three_namespaces(bed, tmp_path, synth_corpus, feature_cache):
+def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(bed, tmp_path, synth_corpus,
+                                                                               feature_cache):
+    """`p2pser launch-hosts` starts one peer per namespace (remote shell: ip netns exec), CurveZMQ on because
+    the topology spans hosts. Host 2's cable is pulled for a few rounds: it hears nobody and nobody hears
+    it; plugged back, it is heard again and the consensus distance, pushed up by the partition, falls
+    again. The gathered run folder has the summary of `p2pser launch`, with a UA well above chance."""
     topo_path = save_topology(spread_topology(3, 3, kind="ring"), tmp_path / "topo.toml")
     keys = tmp_path / "keys"
     assert main(["keys", "new", str(keys), "--peers", "3"]) == 0
@@ -100,26 +120,49 @@ def test_launch_hosts_runs_a_secured_mesh_across_three_namespaces(bed, tmp_path,
     hosts.write_text(f'[defaults]\nshell = "ip netns exec {{name}} sh -c"\npython = "{sys.executable}"\n' + "".join(
         f'[[hosts]]\nname = "{bed}-h{k}"\naddress = "10.231.0.{k + 1}"\nworkdir = "{tmp_path}/host{k}"\n'
         for k in range(3)))
-    run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "p2pser", "launch-hosts", str(hosts), str(topo_path), str(synth_corpus), "--out", str(run),
-         "--keys", str(keys), "--rounds", "10", "--cache-dir", str(feature_cache), *FAST],
-        capture_output=True, text=True, timeout=240, check=False)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "round" in result.stdout  # the progress line, polled from the hosts
+    run, rounds = tmp_path / "run", 16
+    metrics = {k: tmp_path / f"host{k}" / "run" / f"peer-{k:03d}" / "metrics.jsonl" for k in range(3)}
+    with open(tmp_path / "launcher.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pser", "launch-hosts", str(hosts), str(topo_path), str(synth_corpus), "--out",
+             str(run), "--keys", str(keys), "--rounds", str(rounds), "--round-timeout", "2", "--cache-dir",
+             str(feature_cache), *FAST], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: min(len(_rows(m)) for m in metrics.values()) >= 4, 150, "every peer has done 4 rounds", proc)
+        assert bed_cmd("link", bed, 2, "down").returncode == 0
+        down_at = {k: len(_rows(m)) for k, m in metrics.items()}
+        _wait(lambda: all(len(_rows(metrics[k])) >= down_at[k] + 4 for k in range(3)), 90, "4 rounds cut off", proc)
+        assert bed_cmd("link", bed, 2, "up").returncode == 0
+        up_at = {k: len(_rows(m)) for k, m in metrics.items()}
+        assert proc.wait(timeout=180) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "launcher.log").read_text()
+    assert "round" in out  # the progress line, polled from the hosts
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["mode"] == "launch-hosts" and summary["security"] is True
     assert summary["hosts"] == ["10.231.0.1", "10.231.0.2", "10.231.0.3"]
-    assert summary["peers"] == 3 and summary["rounds"] == 10 and summary["crashed_peers"] == []
+    assert summary["peers"] == 3 and summary["rounds"] == rounds and summary["crashed_peers"] == []
     assert summary["ua_mean"] > CHANCE + 0.2, summary["ua_mean"]
-    assert summary["consensus_distance_last"] < summary["consensus_distance_first"]
+    rows = {k: _rows(run / f"peer-{k:03d}" / "metrics.jsonl") for k in range(3)}  # gathered copies
     for k in range(3):
         remote = tmp_path / f"host{k}" / "run"
-        assert (remote / f"peer-{k:03d}" / "model.npz").exists()
-        assert (run / f"peer-{k:03d}" / "model.npz").exists()
+        assert (run / f"peer-{k:03d}" / "model.npz").exists() and len(rows[k]) == rounds
         assert stat.S_IMODE((remote / "keys" / f"peer-{k}.key").stat().st_mode) == 0o600
         assert not (remote / "keys" / f"peer-{(k + 1) % 3}.key").exists()  # a host gets only its own secret
-        rows = [json.loads(line) for line in (run / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
-        assert rows[-1]["heard"] == 2
+        assert rows[k][2]["heard"] == 2  # before the cut every peer heard both others
+    # While cut off (skipping the round in flight when the cable went): host 2 heard nobody, the others
+    # heard only each other.
+    cut = {k: rows[k][down_at[k] + 1:up_at[k]] for k in range(3)}
+    assert cut[2] and all(r["heard"] == 0 and r["consensus_distance"] is None for r in cut[2]), cut[2]
+    for k in (0, 1):
+        assert cut[k] and all(r["heard"] == 1 for r in cut[k]), cut[k]
+    # Healed: everyone hears both others again by the end, and the mesh converges again.
+    for k in range(3):
+        assert rows[k][-1]["heard"] == 2, (k, rows[k][up_at[k]:])
+    after = [r["consensus_distance"] for r in rows[2][up_at[2]:] if r["consensus_distance"] is not None]
+    assert len(after) >= 3 and after[-1] < 0.5 * max(after), after
     assert bed_cmd("list", bed).stdout.split() == [f"{bed}-h{k}" for k in range(3)]

@@ -1,10 +1,11 @@
-"""The network-namespace test bed: hosts with their own addresses, a cable per host that can be pulled, and
-a secured run across three namespaces that is partitioned and heals."""
+"""The network-namespace test bed: hosts with their own addresses and a cable per host that can be pulled.
+
+The fixtures here also serve tests/test_multihost.py, whose secured run across three namespaces is
+partitioned and heals."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pser.cli import main
-from p2pser.gossip.topology import Topology, make_topology, save_topology
+from p2pser.gossip.topology import Topology, make_topology
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED = REPO / "launch" / "netns-testbed"
@@ -113,64 +113,3 @@ def test_teardown_removes_namespaces_and_their_processes():
     assert sleeper.wait(timeout=10) != 0
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert f"{name}-" not in left
-
-
-def _rows(run: Path, k: int) -> list[dict]:
-    path = run / f"peer-{k:03d}" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait(condition, timeout: float, what: str, procs) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        assert all(p.poll() is None for p in procs), f"a peer exited early while waiting until {what}"
-        time.sleep(0.2)
-
-
-def test_secured_run_partitions_when_a_host_link_goes_down_and_heals(bed, tmp_path, synth_corpus, feature_cache):
-    """Three peers, one per namespace, CurveZMQ on (the topology spans hosts). Host 2's cable is pulled for
-    a few rounds: it hears nobody and nobody hears it; plugged back, it is heard again and the consensus
-    distance, pushed up by the partition, falls again."""
-    topo_path = save_topology(spread_topology(3, 3), tmp_path / "topo.toml")
-    assert main(["keys", "new", str(tmp_path / "keys"), "--topology", str(topo_path)]) == 0
-    run = tmp_path / "run"
-    run.mkdir()
-    procs = []
-    for k in range(3):
-        with open(run / f"peer{k}.log", "w") as log:
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", f"{bed}-h{k}", sys.executable, "-m", "p2pser", "peer", str(synth_corpus),
-                 "--topology", str(topo_path), "--id", str(k), "--out", str(run), "--keys", str(tmp_path / "keys"),
-                 "--rounds", "16", "--round-timeout", "2", "--cache-dir", str(feature_cache), *FAST],
-                stdout=log, stderr=subprocess.STDOUT))
-    try:
-        _wait(lambda: min(len(_rows(run, k)) for k in range(3)) >= 4, 120, "every peer has done 4 rounds", procs)
-        assert bed_cmd("link", bed, 2, "down").returncode == 0
-        down_at = {k: len(_rows(run, k)) for k in range(3)}
-        _wait(lambda: all(len(_rows(run, k)) >= down_at[k] + 4 for k in range(3)), 90, "4 rounds cut off", procs)
-        assert bed_cmd("link", bed, 2, "up").returncode == 0
-        up_at = {k: len(_rows(run, k)) for k in range(3)}
-        for p in procs:
-            assert p.wait(timeout=150) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    logs = {k: (run / f"peer{k}.log").read_text()[-1500:] for k in range(3)}
-    rows = {k: _rows(run, k) for k in range(3)}
-    assert all(len(r) == 16 for r in rows.values()), logs
-    # Before the cut every peer heard both others.
-    assert all(r[2]["heard"] == 2 for r in rows.values()), rows
-    # While cut off (skipping the round in flight when the cable went): host 2 heard nobody, the others
-    # heard only each other.
-    cut = {k: rows[k][down_at[k] + 1:up_at[k]] for k in range(3)}
-    assert cut[2] and all(r["heard"] == 0 and r["consensus_distance"] is None for r in cut[2]), cut[2]
-    for k in (0, 1):
-        assert cut[k] and all(r["heard"] == 1 for r in cut[k]), cut[k]
-    # Healed: everyone hears both others again by the end, and the mesh converges again.
-    for k in range(3):
-        assert rows[k][-1]["heard"] == 2, (k, rows[k][up_at[k]:], logs[k])
-    after = [r["consensus_distance"] for r in rows[2][up_at[2]:] if r["consensus_distance"] is not None]
-    assert len(after) >= 3 and after[-1] < 0.5 * max(after), after

@@ -18,6 +18,7 @@ Hosts file (TOML)::
     name = "lab1"                    # what the shell is given (ssh destination)
     address = "10.0.0.11"            # the topology's host field of this host's peers (default: name)
     keys = "/home/me/p2pser-keys"    # optional key folder on the host; else secret keys are copied over
+    bind = "0.0.0.0"                 # optional interface to listen on (default: the address; e.g. behind NAT)
 
 The Slurm helper builds the topology from the allocation (``SLURM_JOB_NODELIST``, ``SLURM_TASKS_PER_NODE``,
 block distribution: task i is peer i) and runs peer ``SLURM_PROCID``; see ``launch/slurm.sbatch``.
@@ -53,7 +54,7 @@ from p2pser.security import secret_key_path, security_on, with_public_keys
 log = logging.getLogger(__name__)
 
 DEFAULT_SHELL = "ssh -o BatchMode=yes {name}"
-_HOST_KEYS = {"name", "address", "shell", "python", "workdir", "data_dir", "keys"}
+_HOST_KEYS = {"name", "address", "shell", "python", "workdir", "data_dir", "keys", "bind"}
 POLL_S = 2.0
 
 
@@ -66,6 +67,7 @@ class Host:
     workdir: str = "/tmp/p2pser-runs"
     data_dir: str | None = None
     keys: str | None = None
+    bind: str | None = None
 
     def command(self, script: str) -> list[str]:
         """argv that runs ``script`` (one shell script, one argument) on this host."""
@@ -128,6 +130,8 @@ def _peer_script(host: Host, remote: str, data_dir: str, k: int, keys: str | Non
             "--config", f"{remote}/config.toml", "--out", remote]
     if keys is not None:
         args += ["--keys", keys]
+    if host.bind is not None:
+        args += ["--bind-host", host.bind]
     # The pid file lets the launcher stop the peer even when the remote shell does not forward signals.
     return (f"cd {q(remote)} && echo $$ > {q(f'{remote}/peer-{k}.pid') } && "
             f"OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 exec {shlex.join(args)}")

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from test_launch import free_base_port
 from test_netns import FAST, bed_cmd, spread_topology, start_bed, warm_feature_cache
-from test_security import free_base_port
 
 from p2pser.cli import main
 from p2pser.errors import UserError

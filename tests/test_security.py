@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import stat
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import zmq
 import zmq.utils.monitor
+from test_launch import free_base_port
 
 from p2pser.cli import main
 from p2pser.errors import UserError
@@ -35,24 +35,6 @@ def p2pser(*args, **kw) -> subprocess.CompletedProcess:
 def keys_cli(*args) -> int:
     """``p2pser keys ...`` in this process (the same entry point, without a second interpreter start)."""
     return main(["keys", *map(str, args)])
-
-
-def free_base_port(n: int) -> int:
-    for _ in range(200):
-        base = int(np.random.default_rng().integers(20000, 60000 - n))
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ class RunConfig:
     rounds: int = field(default=30, **_opt("rounds (dpsgd, fedavg) or local update blocks (gossip)"))
     local_steps: int = field(default=8, **_opt("minibatch SGD steps between two exchanges"))
     batch_size: int = field(default=16, **_opt("minibatch size of local training"))
-    lr: float = field(default=0.003, **_opt("learning rate of local training"))
+    lr: float | None = field(default=None, **_opt("learning rate of local training (default: the model's recipe)"))
     partition: str = field(default="speaker", **_opt("how training data is split into peers", choices=PARTITIONS))
     alpha: float = field(default=0.5, **_opt("Dirichlet concentration for --partition dirichlet"))
     val_fraction: float = field(default=0.15, **_opt("share of each peer's own data held back for validation"))
@@ -69,7 +69,7 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "alpha", "round_timeout", "startup_timeout", "max_seconds"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
@@ -204,3 +204,14 @@ class SimConfig:
     baseline: str | None = field(
         default=None, **_opt("also train a baseline on pooled data in the same run", choices=("centralized",))
     )
+
+
+def train_config(cfg: RunConfig, **extra: Any):
+    """The local-training recipe of a run: the model's recommended settings with the run's overrides.
+
+    Peers and the pooled-data baseline both take it from here, so the two arms of a comparison can only
+    differ in what the issue says they differ in (pooling and step count).
+    """
+    from p2pser.learn.local import recommended_config
+
+    return recommended_config(cfg.model, batch_size=cfg.batch_size, lr=cfg.lr, **extra)

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p2pser.config import RunConfig
+from p2pser.config import RunConfig, train_config
 from p2pser.data.features import Normalizer
 from p2pser.gossip.codec import Message, encode, template_of
 from p2pser.gossip.mixing import Contribution, MixingRule, WeightedAverage, consensus_distance
-from p2pser.learn.local import LocalTrainer, TrainConfig, evaluate
+from p2pser.learn.local import LocalTrainer, evaluate
 from p2pser.learn.models import build_model
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Peer:
         self._float_params = {
             name: t for name, t in self.model.state_dict().items() if torch.is_floating_point(t)
         }
-        train_cfg = TrainConfig(batch_size=config.batch_size, lr=config.lr)
+        train_cfg = train_config(config)
         self.trainer = LocalTrainer(
             self.model,
             data.x_train,

@@ -99,7 +99,7 @@ def run_cases(data_dir: str | Path, cases: list[Case], out_dir: str | Path) -> l
 
 def run_baseline(data_dir: str | Path, cfg: RunConfig, peers_rounds_steps: float, out_dir: Path) -> dict:
     """The pooled-data model with the same model, features and epoch budget as the peers."""
-    from p2pser.learn.local import TrainConfig
+    from p2pser.config import train_config
     from p2pser.run.plan import feature_spec
     from p2pser.run.train import train_centralized
 
@@ -110,10 +110,9 @@ def run_baseline(data_dir: str | Path, cfg: RunConfig, peers_rounds_steps: float
     start = time.monotonic()
     summary = train_centralized(
         data_dir, out_dir, folds_path=cfg.folds, fold=cfg.fold, test_speakers=cfg.test_speakers,
-        # The peers' training settings exactly (their Peer builds TrainConfig(batch_size, lr) the same way) and
-        # their feature length: only the data pooling and the step count differ between the two arms.
-        model_name=cfg.model, spec=feature_spec(cfg),
-        train_cfg=TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr),
+        # The peers' training recipe exactly (config.train_config) and their feature length: only the data
+        # pooling and the step count differ between the two arms.
+        model_name=cfg.model, spec=feature_spec(cfg), train_cfg=train_config(cfg, epochs=epochs),
         seed=cfg.seed, cache_dir=cfg.cache_dir, progress=True,
     )
     summary.update(label="centralized", epochs=epochs, wall_s=round(time.monotonic() - start, 2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,43 +131,18 @@ def curve_config(topology: Topology, peer_id: int, keys: str | Path | None) -> C
     if mine != public:
         raise UserError(f"the secret key file for peer {peer_id} does not belong to the public key the topology "
                         f"lists for peer {peer_id}; use the matching peer-{peer_id}.key")
-    peer_keys = {j: topology.peers[j].public_key for j in topology.neighbours(peer_id)}
-    return CurveConfig(public, secret, peer_keys)
+    neighbours = topology.neighbours(peer_id)
+    peer_keys = {j: topology.peers[j].public_key for j in neighbours}
+    # A neighbour connects from the address the topology gives it, so a listed key from elsewhere is a
+    # stolen or misconfigured key: the transport refuses it.
+    addresses = {j: _addresses(topology.peers[j].host) for j in neighbours}
+    return CurveConfig(public, secret, peer_keys, addresses)
 
 
-class _ZapDecisions(logging.Filter):
-    """Turns pyzmq's debug-level ZAP chatter into one line per decision: refusals as warnings.
-
-    pyzmq logs the client address in one record and the verdict in the next, from its single ZAP thread,
-    so the last address seen belongs to the verdict that follows.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.address = "?"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if text.startswith("version:"):
-            found = re.search(r"address: '([^']*)'", text)
-            self.address = found.group(1) if found else "?"
-            return False
-        if text.startswith("DENIED"):
-            key = re.search(r"client_key=b?'?([^' ]+)", text)
-            record.msg = "refused a CurveZMQ connection from %s: key %s is not a neighbour's key in the topology"
-            record.args = (self.address, key.group(1) if key else "?")
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            return True
-        if text.startswith("ALLOWED"):
-            record.msg, record.args = "admitted a CurveZMQ connection from %s", (self.address,)
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            return logging.getLogger().isEnabledFor(logging.INFO)
-        return record.levelno >= logging.WARNING
-
-
-def log_zap_decisions() -> None:
-    """Log every refused (WARNING) and admitted (INFO) CurveZMQ client with its address; idempotent."""
-    zap = logging.getLogger("zmq.auth")
-    if not any(isinstance(f, _ZapDecisions) for f in zap.filters):
-        zap.addFilter(_ZapDecisions())
-    zap.setLevel(logging.DEBUG)
+def _addresses(host: str) -> frozenset[str]:
+    """The IP addresses a topology host name stands for; empty (no address check) if it cannot resolve."""
+    try:
+        return frozenset(info[4][0] for info in socket.getaddrinfo(host, None))
+    except OSError:
+        log.info("cannot resolve %s: connections presenting its key are not checked by address", host)
+        return frozenset()

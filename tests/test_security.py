@@ -201,3 +201,32 @@ def test_unlisted_key_and_plain_text_peer_cannot_deliver_a_model(tmp_path, synth
     assert "refused a CurveZMQ connection from 127.0.0.1" in log and stranger_pub in log, log[-2000:]
     assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in events
     assert any(e & (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED) for e in events), events
+
+
+def _curve_pair(addresses: frozenset[str], caplog) -> tuple[bool, str]:
+    """Peer 1 (holding its real key) connects from 127.0.0.1 to peer 0, which expects it from ``addresses``."""
+    import zmq
+
+    from p2pser.gossip.transport import CurveConfig, ZmqTransport
+
+    pub0, sec0 = (k.decode() for k in zmq.curve_keypair())
+    pub1, sec1 = (k.decode() for k in zmq.curve_keypair())
+    server = ZmqTransport(0, "tcp://127.0.0.1:0", {}, curve=CurveConfig(pub0, sec0, {1: pub1}, {1: addresses}))
+    client = ZmqTransport(1, "tcp://127.0.0.1:0", {0: server.endpoint}, curve=CurveConfig(pub1, sec1, {0: pub0}))
+    try:
+        client.send(0, [b"hello"])
+        got = server.recv(3.0)
+        return got is not None and got[0] == 1, caplog.text
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_listed_key_from_the_wrong_address_is_refused_and_logged(caplog):
+    caplog.set_level("WARNING", logger="p2pser.gossip.transport")
+    delivered, log = _curve_pair(frozenset({"127.0.0.2"}), caplog)
+    assert not delivered
+    assert "refused a CurveZMQ connection from 127.0.0.1: it presents peer 1's key but peer 1 connects from " \
+           "127.0.0.2" in log
+    delivered, _ = _curve_pair(frozenset({"127.0.0.1"}), caplog)
+    assert delivered

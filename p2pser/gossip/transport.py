@@ -27,6 +27,7 @@ from typing import Any, Protocol, Self
 
 import zmq
 import zmq.auth.thread
+import zmq.utils.z85
 
 from p2pser.errors import UserError
 
@@ -63,11 +64,14 @@ class CurveConfig:
 
     ``peer_keys`` maps every peer id this peer talks to (both directions) to its public key: the ROUTER
     admits only those keys, and each DEALER checks that its neighbour's ROUTER holds the listed key.
+    ``peer_addresses`` optionally lists the IP addresses a peer may connect from: a listed key presented
+    from elsewhere (a stolen key) is refused too. A peer missing from it is not checked by address.
     """
 
     public_key: str
     secret_key: str
     peer_keys: Mapping[int, str] = field(default_factory=dict)
+    peer_addresses: Mapping[int, frozenset[str]] = field(default_factory=dict)
 
 
 def _z85(key: str, what: str) -> bytes:
@@ -77,14 +81,37 @@ def _z85(key: str, what: str) -> bytes:
     return raw
 
 
-class _KeyIds:
-    """ZAP credentials provider: admits only listed client keys and remembers which peer each one is."""
+class _PeerAuthenticator(zmq.auth.thread.ThreadAuthenticator):
+    """ZAP handler: admits a CurveZMQ client only with a listed key, from that peer's address if known.
 
-    def __init__(self, peer_keys: Mapping[int, str]) -> None:
-        self.ids = {_z85(k, f"public key of peer {pid}"): pid for pid, k in peer_keys.items()}
+    Every refusal is logged as one warning naming the address and the key, and every admitted key is
+    remembered as a peer id, so ``recv`` can name the sender from the verified key.
+    """
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.ids
+    def __init__(self, context: zmq.Context, curve: CurveConfig) -> None:
+        super().__init__(context)
+        self.ids = {_z85(k, f"public key of peer {pid}"): pid for pid, k in curve.peer_keys.items()}
+        self.addresses = dict(curve.peer_addresses)
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) == 7 and msg[5] == b"CURVE" and len(msg[6]) == 32:
+            address = msg[3].decode("utf-8", "replace")
+            key = zmq.utils.z85.encode(msg[6])
+            peer = self.ids.get(key)
+            if peer is None:
+                return self._refuse(msg[1], f"refused a CurveZMQ connection from {address}: key "
+                                    f"{key.decode()} is not a neighbour's key in the topology")
+            allowed = self.addresses.get(peer)
+            if allowed and address not in allowed:
+                return self._refuse(msg[1], f"refused a CurveZMQ connection from {address}: it presents peer "
+                                    f"{peer}'s key but peer {peer} connects from {', '.join(sorted(allowed))}")
+            self._send_zap_reply(msg[1], b"200", b"OK", key.decode())
+            return None
+        return await super().handle_zap_message(msg)
+
+    def _refuse(self, request_id: bytes, text: str) -> None:
+        log.warning("%s", text)
+        self._send_zap_reply(request_id, b"400", b"refused")
 
 
 class ZmqTransport:
@@ -123,8 +150,7 @@ class ZmqTransport:
         self._lock = threading.Lock()
         self._dealers: dict[int, zmq.Socket] = {}
         self._endpoints: dict[int, str] = {}
-        self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
-        self._key_ids: _KeyIds | None = None
+        self._auth: _PeerAuthenticator | None = None
         self._closed = False
         self._router = self._ctx.socket(zmq.ROUTER)
         try:
@@ -157,10 +183,8 @@ class ZmqTransport:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
 
     def _start_curve_server(self, curve: CurveConfig) -> None:
-        self._key_ids = _KeyIds(curve.peer_keys)
-        self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx)
+        self._auth = _PeerAuthenticator(self._ctx, curve)
         self._auth.start()
-        self._auth.configure_curve_callback(domain="*", credentials_provider=self._key_ids)
         self._router.curve_server = True
         self._router.curve_secretkey = _z85(curve.secret_key, "secret key")
         self._router.curve_publickey = _z85(curve.public_key, "public key")
@@ -245,10 +269,10 @@ class ZmqTransport:
         return self._sender_of(identity), frames
 
     def _sender_of(self, identity: zmq.Frame) -> int | None:
-        if self._key_ids is not None:
+        if self._auth is not None:
             # ZAP put the authenticated client key in User-Id; the routing identity is only a claim.
             user = identity.get("User-Id")
-            return self._key_ids.ids.get(user.encode() if isinstance(user, str) else user)
+            return self._auth.ids.get(user.encode() if isinstance(user, str) else user)
         text = identity.bytes
         if not text.isdigit() or len(text) > 9:
             return None

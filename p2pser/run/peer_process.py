@@ -25,7 +25,7 @@ from p2pser.gossip.topology import Topology, metropolis_hastings_weights
 from p2pser.gossip.transport import ZmqTransport
 from p2pser.run.plan import Plan, extract_for, make_plan, rows, test_set
 from p2pser.runtime import ensure_numba_cache, pin_threads
-from p2pser.security import curve_config, log_zap_decisions, security_on
+from p2pser.security import curve_config, security_on
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,6 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         hub = hub_of(topology) if cfg.algorithm == "fedavg" else 0
         # Keys are checked before feature extraction: a missing key file should not cost minutes first.
         curve = curve_config(topology, peer_id, cfg.keys) if security_on(cfg.security, topology) else None
-        if curve is not None:
-            log_zap_decisions()
         plan = make_plan(data_dir, cfg, topology.n)
         needed = np.concatenate([plan.peers[peer_id], plan.test])
         features, row_of = extract_for(plan, needed, cfg, workers=1)

@@ -66,7 +66,7 @@ def _last_error(folder: Path) -> str:
         return "no log"
 
 
-def _progress_line(metrics: dict[int, list[dict]], n: int) -> str:
+def progress_line(metrics: dict[int, list[dict]], n: int) -> str:
     last = [rows[-1] for rows in metrics.values() if rows]
     if not last:
         return f"starting {n} peers ..."
@@ -125,7 +125,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
                     reported.add(k)
                     print(f"\npeer {k} crashed (exit {p.returncode}): {_last_error(peer_dir(out, k))}",
                           file=sys.stderr)
-            line = _progress_line(read_metrics(out), topology.n)
+            line = progress_line(read_metrics(out), topology.n)
             if not quiet and line != last_line:
                 # On a terminal one line is rewritten in place; in a log file each change is its own line.
                 print("\r" + line.ljust(78) if tty else line, end="" if tty else "\n", flush=True)

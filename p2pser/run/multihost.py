@@ -45,7 +45,7 @@ from typing import Any
 from p2pser.config import RunConfig
 from p2pser.errors import UserError
 from p2pser.gossip.topology import KINDS, Topology, make_topology, save_topology
-from p2pser.run.launch import _progress_line, prepare_run_dir, write_config_toml
+from p2pser.run.launch import progress_line, prepare_run_dir, write_config_toml
 from p2pser.run.peer_process import peer_dir
 from p2pser.run.plan import extract_for, make_plan, test_set
 from p2pser.run.report import average_model_ua, read_status, summarize
@@ -249,7 +249,7 @@ def launch_hosts(hosts_file: str | Path, topology: Topology, topology_name: str,
         while any(p.poll() is None for p, _, _ in procs.values()):
             time.sleep(POLL_S)
             _report_exits(procs, reported, out)
-            line = _progress_line(_poll_metrics([(h, r) for h, r, _ in placed]), topology.n)
+            line = progress_line(_poll_metrics([(h, r) for h, r, _ in placed]), topology.n)
             if not quiet and line != last_line:
                 print(line, flush=True)
                 last_line = line

@@ -45,7 +45,7 @@ from typing import Any
 from p2pser.config import RunConfig
 from p2pser.errors import UserError
 from p2pser.gossip.topology import KINDS, Topology, make_topology, save_topology
-from p2pser.run.launch import progress_line, prepare_run_dir, write_config_toml
+from p2pser.run.launch import prepare_run_dir, progress_line, write_config_toml
 from p2pser.run.peer_process import peer_dir
 from p2pser.run.plan import extract_for, make_plan, test_set
 from p2pser.run.report import average_model_ua, read_status, summarize

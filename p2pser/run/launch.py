@@ -21,7 +21,7 @@ import numpy as np
 from p2pser.config import RunConfig, config_to_dict
 from p2pser.errors import UserError
 from p2pser.gossip.topology import Topology, save_topology
-from p2pser.run.peer_process import peer_dir
+from p2pser.run.peer_process import hub_of, peer_dir
 from p2pser.run.plan import extract_for, make_plan, test_set
 from p2pser.run.report import average_model_ua, read_metrics, read_status, summarize
 
@@ -91,9 +91,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
     out = prepare_run_dir(out_dir)
     plan = make_plan(data_dir, cfg, topology.n)
     if cfg.algorithm == "fedavg":
-        from p2pser.run.peer_process import hub_of
-
-        hub_of(topology)
+        hub_of(topology)  # fail now, not in every peer
     topo_file, cfg_file = out / "topology.toml", out / "config.toml"
     save_topology(topology, topo_file)
     write_config_toml(cfg, cfg_file)

@@ -21,8 +21,9 @@ def test_inbox_files_by_round_and_refuses_strangers_stale_and_duplicates():
     assert inbox.add(_msg(1, 0)) is None
     assert "not a neighbour" in inbox.add(_msg(5, 0))
     assert "duplicate" in inbox.add(_msg(1, 0))
-    assert inbox.add(_msg(2, 1)) is None  # a neighbour ahead of us is kept for later
     assert inbox.has_all("model", 0, {1}) and not inbox.has_all("model", 0, {1, 2})
+    assert inbox.add(_msg(2, 1)) is None  # a neighbour ahead of us is kept for later ...
+    assert inbox.has_all("model", 0, {1, 2})  # ... and has skipped round 0: no need to wait for it
     assert set(inbox.take("model", 0)) == {1}
     assert "stale" in inbox.add(_msg(2, 0))
     assert "too far ahead" in inbox.add(_msg(2, 50))

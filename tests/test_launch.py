@@ -185,7 +185,8 @@ def lone_peer(tmp_path_factory, corpus, cache_dir):
     inbound.close(0)
     outbound.close(0)
     ctx.term()
-    return {"rc": rc, "run": run, "frames": received, "sent": sent, "corpus": corpus, "topo": t}
+    return {"rc": rc, "run": run, "frames": received, "sent": sent, "corpus": corpus, "topo": t,
+            "cache_dir": cache_dir}
 
 
 def test_malformed_frames_are_rejected_and_logged_while_training_goes_on(lone_peer):
@@ -225,3 +226,13 @@ def test_privacy_every_frame_sent_is_a_header_or_a_declared_parameter_tensor(lon
         pcm, _ = soundfile.read(wav, dtype="int16")
         chunk = pcm[len(pcm) // 2 : len(pcm) // 2 + 32].tobytes()
         assert chunk not in sent
+    # Nor does any run of the features the peer computed from its own speech.
+    from p2pser.config import RunConfig
+    from p2pser.run.plan import extract_for, make_plan
+
+    cfg = RunConfig(partition="iid", features="mfcc", max_seconds=1.5, cache_dir=str(lone_peer["cache_dir"]))
+    plan = make_plan(corpus, cfg, 2)
+    features, _ = extract_for(plan, plan.peers[0], cfg)
+    for x in features.x[:40]:
+        for channel in (0, 3, 50):
+            assert x[channel, 5:21].tobytes() not in sent

@@ -3,7 +3,8 @@
 - ``exponential-20``, dpsgd, with real processes (``p2pser launch``: 20 OS processes on loopback ZeroMQ);
 - ``ring-20`` and ``exponential-20`` (dpsgd) simulated, with ``--baseline centralized`` (the pooled-data
   model with the same model, features, training settings and epoch budget, trained in the same run);
-- ``star-20``, fedavg, simulated (the same peer code; only transport and clock differ).
+- ``star-20``, fedavg, simulated (the same peer code; only transport and clock differ);
+- ``budget4x``: exponential-20 simulated with 120 rounds against its own baseline (4x the epochs in both arms).
 
 Every arm uses svm on mfcc, 30 rounds of 4 local steps (batch 16, lr 0.02), seed 0. The simulated dpsgd runs
 come from bench_simulate.py's topology sweep when ``--sweep DIR`` points at it (ring and exponential for 20
@@ -42,7 +43,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gwork"), help="run folders and feature cache")
     parser.add_argument("--sweep", type=Path, default=None, help="bench_simulate.py's topology sweep folder")
     parser.add_argument("--base-port", type=int, default=47300, help="ports for the launched peers")
-    parser.add_argument("--parts", default="sim,star,launch", help="which arms to (re)run; others are kept")
+    parser.add_argument("--parts", default="sim,star,launch,budget4x", help="arms to (re)run; others are kept")
+    parser.add_argument("--reuse", action="store_true", help="budget4x: read an existing run folder in --work")
     args = parser.parse_args()
     work = args.work
     common = [str(DATA / "ravdess"), *SVM, *ROUNDS, "--cache-dir", str(work / "cache")]
@@ -85,6 +87,22 @@ def main() -> None:
         timed = run_timed(["launch", str(TOPOLOGIES / "exponential-20.toml"), *common, "--quiet", "--base-port",
                            str(args.base_port), "--out", str(launch_dir)], work / "gossip-launch.log")
         results["launch_dpsgd_exponential-20"] = timed | brief(json.loads((launch_dir / "summary.json").read_text()))
+    if "budget4x" in parts:
+        # The same comparison with four times the rounds (and so four times the epochs in both arms): does the
+        # gap close with training length, or is it the decentralized schedule itself?
+        budget_dir = work / "exp120"
+        rounds = [a if a != "30" else "120" for a in ROUNDS[:-1]] + ["20"]
+        cmd = ["simulate", str(DATA / "ravdess"), *SVM, *rounds, "--topology", str(TOPOLOGIES / "exponential-20.toml"),
+               "--baseline", "centralized", "--cache-dir", str(work / "cache"), "--out", str(budget_dir)]
+        timed = {"command": "p2pser " + " ".join(cmd) + "  (run folder reused)"}
+        if not (args.reuse and (budget_dir / "comparison.json").exists()):
+            timed = run_timed(cmd, work / "exp120.log")
+        sweep = json.loads((budget_dir / "comparison.json").read_text())
+        run = sweep["runs"][0]
+        results["simulate_dpsgd_exponential-20_120_rounds"] = timed | brief(run) | {
+            "options": " ".join(SVM + rounds), "centralized": _baseline(sweep["baseline"]),
+            "ua_mean_per_round": {int(r): round(v, 4) for r, v in run["ua_mean_per_round"].items()},
+            "gap_points": round(100 * (sweep["baseline"]["ua"] - run["ua_mean"]), 2)}
     launched, baseline = results["launch_dpsgd_exponential-20"], results["centralized"]
     results["headline"] = {
         "launch_exponential20_ua_mean": launched["ua_mean"], "centralized_ua": baseline["ua"],

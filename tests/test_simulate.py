@@ -149,3 +149,5 @@ def test_centralized_baseline_trains_with_the_peers_settings(setup, tmp_path):
     assert summary["train_config"]["batch_size"] == cfg.batch_size
     assert summary["feature_spec"]["max_seconds"] == cfg.max_seconds
     assert summary["feature_spec"]["kind"] == cfg.features
+    # 8 small peers each see 12 x 4 x 16 samples of their own data: dozens of epochs, not a handful.
+    assert summary["epochs"] > 20

@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     baseline = None
     if cases[0].sim.baseline == "centralized":
         cfg = cases[0].run
-        baseline = run_baseline(args.data_dir, cfg, cfg.rounds * cfg.local_steps, out / "baseline-centralized")
+        baseline = run_baseline(args.data_dir, cfg, summaries[0]["peers"], out / "baseline-centralized")
     for s in summaries:
         print(f"\n== {s['label']}")
         print_summary(s, str(Path(args.out) / (s["label"] if len(summaries) > 1 else "")))

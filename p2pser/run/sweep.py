@@ -97,16 +97,16 @@ def run_cases(data_dir: str | Path, cases: list[Case], out_dir: str | Path) -> l
     return summaries
 
 
-def run_baseline(data_dir: str | Path, cfg: RunConfig, peers_rounds_steps: float, out_dir: Path) -> dict:
-    """The pooled-data model with the same model, features and epoch budget as the peers."""
+def run_baseline(data_dir: str | Path, cfg: RunConfig, n_peers: int, out_dir: Path) -> dict:
+    """The pooled-data model with the same model, features and epoch budget as the ``n_peers`` peers."""
     from p2pser.config import train_config
     from p2pser.run.plan import feature_spec
     from p2pser.run.train import train_centralized
 
-    plan = make_plan(data_dir, cfg, None if cfg.partition == "speaker" else 1)
+    plan = make_plan(data_dir, cfg, n_peers)
     mean_own = np.mean([len(p) for p in plan.peers]) * (1 - cfg.val_fraction)
     # Each peer sees rounds x local_steps x batch_size samples of its own data: that many epochs of it.
-    epochs = max(1, round(peers_rounds_steps * cfg.batch_size / max(mean_own, 1)))
+    epochs = max(1, round(cfg.rounds * cfg.local_steps * cfg.batch_size / max(mean_own, 1)))
     start = time.monotonic()
     summary = train_centralized(
         data_dir, out_dir, folds_path=cfg.folds, fold=cfg.fold, test_speakers=cfg.test_speakers,

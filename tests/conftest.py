@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from p2pser.runtime import ensure_numba_cache
 
@@ -32,3 +33,12 @@ def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth_corpus")
     synthesize_corpus(root, speakers=6, per_emotion=8, seed=0)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Test batches are tiny: extra threads only add synchronisation, which costs seconds on 2 shared cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

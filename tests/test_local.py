@@ -23,15 +23,6 @@ from p2pser.learn.models import build_model
 C, T, K = 16, 48, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches: extra threads only add synchronisation, which costs seconds on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _data(n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Class k raises channels 4k..4k+3: separable, but only after training."""
     rng = np.random.default_rng(seed)

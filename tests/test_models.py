@@ -12,15 +12,6 @@ from p2pser.learn.models import MODEL_NAMES, build_model, count_parameters, fram
 C, T, K = 40, 120, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches: extra threads only add synchronisation, which costs seconds on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(seed: int = 0, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, C, T, generator=g)

@@ -13,7 +13,8 @@ import torch
 
 from p2pser.cli import main
 from p2pser.learn.models import build_model
-from p2pser.run.train import parse_folds, prepare_out_dir
+from p2pser.run.outdir import prepare_out_dir
+from p2pser.run.train import parse_folds
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

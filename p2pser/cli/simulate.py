@@ -40,12 +40,12 @@ def _cases(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from p2pser.run.launch import prepare_run_dir
+    from p2pser.run.outdir import prepare_out_dir
     from p2pser.run.summary_table import print_summary
     from p2pser.run.sweep import run_baseline, run_cases, write_comparison
 
     cases = _cases(args)
-    out = prepare_run_dir(args.out)
+    out = prepare_out_dir(args.out)
     summaries = run_cases(args.data_dir, cases, out)
     baseline = None
     if cases[0].sim.baseline == "centralized":

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from p2pser.config import RunConfig, config_to_dict
-from p2pser.errors import UserError
 from p2pser.gossip.topology import Topology, save_topology
+from p2pser.run.outdir import prepare_out_dir
 from p2pser.run.peer_process import hub_of, peer_dir
 from p2pser.run.plan import extract_for, make_plan, test_set
 from p2pser.run.report import average_model_ua, read_metrics, read_status, summarize
@@ -35,20 +35,6 @@ def write_config_toml(cfg: RunConfig, path: Path) -> None:
         if value is not None:
             lines.append(f"{key} = {json.dumps(value)}")
     path.write_text("\n".join(lines) + "\n")
-
-
-def prepare_run_dir(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to the output folder {out}: {exc.strerror or exc}") from None
-    if any(out.glob("peer-*")):
-        raise UserError(f"output folder {out} already holds a run: choose a new --out")
-    return out
 
 
 def _last_error(folder: Path) -> str:
@@ -88,7 +74,7 @@ def _final(rows: list[dict], key: str):
 def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
            *, quiet: bool = False) -> dict:
     start = time.monotonic()
-    out = prepare_run_dir(out_dir)
+    out = prepare_out_dir(out_dir)
     plan = make_plan(data_dir, cfg, topology.n)
     if cfg.algorithm == "fedavg":
         hub_of(topology)  # fail now, not in every peer

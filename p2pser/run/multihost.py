@@ -45,7 +45,8 @@ from typing import Any
 from p2pser.config import RunConfig
 from p2pser.errors import UserError
 from p2pser.gossip.topology import KINDS, Topology, make_topology, save_topology
-from p2pser.run.launch import prepare_run_dir, progress_line, write_config_toml
+from p2pser.run.launch import progress_line, write_config_toml
+from p2pser.run.outdir import prepare_out_dir
 from p2pser.run.peer_process import peer_dir
 from p2pser.run.plan import extract_for, make_plan, test_set
 from p2pser.run.report import average_model_ua, read_status, summarize
@@ -200,7 +201,7 @@ def launch_hosts(hosts_file: str | Path, topology: Topology, topology_name: str,
     if missing:
         raise UserError(f"hosts file {hosts_file} has no [[hosts]] entry with address {', '.join(missing)} "
                         "(the topology's peers live there)")
-    out = prepare_run_dir(out_dir)
+    out = prepare_out_dir(out_dir)
     secured = security_on(cfg.security, topology)
     local_keys = Path(cfg.keys) if cfg.keys else None
     if secured and any(p.public_key is None for p in topology.peers):

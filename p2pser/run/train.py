@@ -33,27 +33,13 @@ from p2pser.errors import UserError
 from p2pser.learn.local import LocalTrainer, TrainConfig, evaluate, recommended_config
 from p2pser.learn.metrics import classification_report
 from p2pser.learn.models import MODEL_NAMES, build_model, count_parameters
+from p2pser.run.outdir import prepare_out_dir
 from p2pser.run.plots import confusion_plot
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "cnn1d-shallow"
 DEFAULT_FEATURES = "mfcc"
-
-
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` (or accept an empty/unused one) and prove it is writable, before any long work."""
-    out = Path(out_dir)
-    if (out / "summary.json").exists():
-        raise UserError(f"output folder {out} already holds a run (summary.json): choose a new --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}; choose another --out") from exc
-    return out
 
 
 def parse_folds(fold: int | str | Sequence[int], n_folds: int) -> list[int]:

@@ -230,3 +230,26 @@ def test_a_listed_key_from_the_wrong_address_is_refused_and_logged(caplog):
            "127.0.0.2" in log
     delivered, _ = _curve_pair(frozenset({"127.0.0.1"}), caplog)
     assert delivered
+
+
+def test_a_plain_text_client_is_refused_and_logged_by_the_secured_side(caplog):
+    import zmq
+
+    from p2pser.gossip.transport import CurveConfig, ZmqTransport
+
+    caplog.set_level("WARNING", logger="p2pser.gossip.transport")
+    pub0, sec0 = (k.decode() for k in zmq.curve_keypair())
+    pub1, _ = (k.decode() for k in zmq.curve_keypair())
+    server = ZmqTransport(0, "tcp://127.0.0.1:0", {}, curve=CurveConfig(pub0, sec0, {1: pub1}))
+    ctx = zmq.Context()
+    plain = ctx.socket(zmq.DEALER)
+    plain.setsockopt(zmq.IDENTITY, b"1")
+    plain.connect(server.endpoint)
+    try:
+        plain.send_multipart([b"not", b"encrypted"])
+        assert server.recv(2.0) is None
+        assert "failed the CurveZMQ handshake" in caplog.text
+    finally:
+        plain.close(0)
+        ctx.term()
+        server.close()

@@ -27,11 +27,14 @@ from typing import Any, Protocol, Self
 
 import zmq
 import zmq.auth.thread
+import zmq.utils.monitor
 import zmq.utils.z85
 
 from p2pser.errors import UserError
 
 log = logging.getLogger(__name__)
+# Handshake failures other than ZAP refusals (those the authenticator logs itself, with the client's address).
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
@@ -152,6 +155,7 @@ class ZmqTransport:
         self._endpoints: dict[int, str] = {}
         self._auth: _PeerAuthenticator | None = None
         self._closed = False
+        self._monitor_thread: threading.Thread | None = None
         self._router = self._ctx.socket(zmq.ROUTER)
         try:
             self._router.setsockopt(zmq.LINGER, linger_ms)
@@ -162,6 +166,7 @@ class ZmqTransport:
             self._set_heartbeat(self._router)
             if curve is not None:
                 self._start_curve_server(curve)
+                self._watch_handshakes()
             # Port 0 means "any free port" to most tools; ZeroMQ spells it "*".
             self._router.bind(bind_endpoint[:-2] + ":*" if bind_endpoint.endswith(":0") else bind_endpoint)
         except zmq.ZMQError as exc:
@@ -278,6 +283,25 @@ class ZmqTransport:
             return None
         return int(text)
 
+    def _watch_handshakes(self) -> None:
+        """Log clients that fail the CurveZMQ handshake: plain-text peers never reach ZAP, so only the
+        socket's monitor sees them. (libzmq reports our endpoint, not the client's address.)"""
+        monitor = self._router.get_monitor_socket(HANDSHAKE_FAILED)
+        self._monitor_stop = threading.Event()
+
+        def watch() -> None:
+            while not self._monitor_stop.is_set():
+                if not monitor.poll(200):
+                    continue
+                event = zmq.utils.monitor.recv_monitor_message(monitor)
+                log.warning("peer %d: refused a connection on %s: it failed the CurveZMQ handshake (%s; a "
+                            "plain-text or misconfigured peer)", self.self_id, event["endpoint"].decode(),
+                            zmq.Event(event["event"]).name)
+            monitor.close(0)
+
+        self._monitor_thread = threading.Thread(target=watch, name=f"zmq-monitor-{self.self_id}", daemon=True)
+        self._monitor_thread.start()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -285,6 +309,10 @@ class ZmqTransport:
             self._closed = True
             for peer_id in list(self._dealers):
                 self._close_dealer(peer_id)
+        if self._monitor_thread is not None:
+            self._monitor_stop.set()
+            self._monitor_thread.join()
+            self._router.disable_monitor()
         self._router.close(self.linger_ms)
         if self._auth is not None:
             self._auth.stop()

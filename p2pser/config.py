@@ -97,6 +97,18 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     return value
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing, unreadable or malformed file is a ``UserError`` naming it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser, cls: type = RunConfig, *, config_flag: bool = True, sweep: tuple[str, ...] = ()
 ) -> None:
@@ -134,14 +146,7 @@ def load_config(
     known = {f.name: f for f in dataclasses.fields(cls)}
     if path is not None:
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"config file {path} cannot be read: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        data = read_toml(path, "config file")
         data = data.get(table, {k: v for k, v in data.items() if not isinstance(v, dict)})
         for key, value in data.items():
             name = key.replace("-", "_")

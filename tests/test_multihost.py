@@ -61,7 +61,7 @@ def test_hosts_file_problems_are_clear_errors(tmp_path):
     path.write_text('[[hosts]]\nname = "a"\nport = "1"\n')
     with pytest.raises(UserError, match="unknown key"):
         load_hosts(path)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="does not exist"):
         load_hosts(tmp_path / "none.toml")
 
 

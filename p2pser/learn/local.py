@@ -264,7 +264,7 @@ class LocalTrainer:
         return self.train_steps(self.steps_per_epoch)
 
     def state_dict(self) -> dict:
-        """Optimizer, RNG and position, for checkpoints; loadable with ``torch.load(weights_only=True)``.
+        """Optimizer, RNG and position, for checkpoints: plain tensors and containers only (no pickled objects).
 
         The model's weights are not included: save ``model.state_dict()`` beside it.
         """

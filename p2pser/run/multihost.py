@@ -36,13 +36,12 @@ import subprocess
 import sys
 import tarfile
 import time
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from p2pser.config import RunConfig
+from p2pser.config import RunConfig, read_toml
 from p2pser.errors import UserError
 from p2pser.gossip.topology import KINDS, Topology, make_topology, save_topology
 from p2pser.run.launch import progress_line, write_config_toml
@@ -78,14 +77,7 @@ class Host:
 def load_hosts(path: str | Path) -> dict[str, Host]:
     """Hosts by address; every problem is a ``UserError`` naming the file and the key."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"hosts file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read hosts file {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"hosts file {path} is not valid TOML: {exc}") from None
+    data = read_toml(path, "hosts file")
     unknown = sorted(set(data) - {"defaults", "hosts"})
     if unknown:
         raise UserError(f"hosts file {path}: unknown key(s) {', '.join(unknown)}; allowed: defaults, hosts")

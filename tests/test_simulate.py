@@ -133,6 +133,8 @@ def test_cli_sweep_writes_comparison_and_rejects_bad_faults(setup, tmp_path, cap
     assert torch.get_num_threads() == 1  # pinned: many small models share the cores
     assert main(["simulate", *common, "--delay", "gauss:1", "--out", str(tmp_path / "bad")]) == 2
     assert "--delay 'gauss:1' is not a distribution" in capsys.readouterr().err
+    assert main(["simulate", *common, "--model", "resnet", "--out", str(tmp_path / "bad2")]) == 2
+    assert "unknown model 'resnet'" in capsys.readouterr().err
     with pytest.raises(UserError, match="churn entry"):
         from p2pser.run.network_sim import parse_churn
 

@@ -18,6 +18,7 @@ from p2pser.data.corpora import Corpus, load_corpus
 from p2pser.data.features import FeatureSet, FeatureSpec, extract_features
 from p2pser.data.splits import Fold, folds_from_test_speakers, load_folds, partition, split_fold
 from p2pser.errors import UserError
+from p2pser.learn.models import MODEL_NAMES
 
 
 @dataclass
@@ -34,6 +35,10 @@ class Plan:
 
 
 def make_plan(data_dir: str | Path, cfg: RunConfig, n_peers: int | None = None) -> Plan:
+    # Names are checked before anything is read, so a typo costs no feature extraction.
+    if cfg.model not in MODEL_NAMES:
+        raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    feature_spec(cfg)
     corpus = load_corpus(data_dir)
     speakers_all = corpus.speakers()
     if cfg.test_speakers:

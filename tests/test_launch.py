@@ -20,6 +20,7 @@ from p2pser.data.synth import synthesize_corpus
 from p2pser.gossip.topology import make_topology, save_topology
 
 N_CLASSES = 6  # the synthetic corpus' emotions
+ROUNDS_LONE = 30  # the peer under attack runs long enough to read every malformed message sent mid-run
 FAST = ["--model", "cnn1d-shallow", "--partition", "iid", "--features", "mfcc", "--max-seconds", "1.5",
         "--local-steps", "6", "--batch-size", "16"]
 
@@ -161,7 +162,7 @@ def lone_peer(tmp_path_factory, corpus, cache_dir):
     outbound.connect(t.endpoint(0))
     run = tmp / "run"
     run.mkdir()
-    proc = _start_peer(topo, 0, corpus, run, cache_dir, "--rounds", 12, "--round-timeout", 1,
+    proc = _start_peer(topo, 0, corpus, run, cache_dir, "--rounds", ROUNDS_LONE, "--round-timeout", 1,
                        "--startup-timeout", 2)
     received: list[list[bytes]] = []
     garbage = [
@@ -176,9 +177,11 @@ def lone_peer(tmp_path_factory, corpus, cache_dir):
     while proc.poll() is None and time.monotonic() < deadline:
         if inbound.poll(100):
             received.append(inbound.recv_multipart()[1:])  # drop the routing identity
-        if _rounds_done(run, 0) >= 2 and sent < 40:
-            outbound.send_multipart(garbage[sent % len(garbage)])
-            sent += 1
+        if _rounds_done(run, 0) >= 2 and sent == 0:
+            # One burst while the peer is mid-run: it must reject them all and keep training.
+            for k in range(40):
+                outbound.send_multipart(garbage[k % len(garbage)])
+            sent = 40
     while inbound.poll(200):
         received.append(inbound.recv_multipart()[1:])
     rc = proc.wait(timeout=30)
@@ -197,7 +200,7 @@ def test_malformed_frames_are_rejected_and_logged_while_training_goes_on(lone_pe
     rejected = [line for line in log.splitlines() if "rejected a message from 1" in line]
     assert len(rejected) >= 20, log[-2000:]
     rows = [json.loads(line) for line in (run / "peer-000" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["round"] == 11 and rows[-1]["rejected"] >= 20
+    assert rows[-1]["round"] == ROUNDS_LONE - 1 and rows[-1]["rejected"] >= 20
     assert all(np.isfinite(r["loss"]) for r in rows)
     with np.load(run / "peer-000" / "model.npz") as z:
         assert all(np.isfinite(z[k]).all() for k in z.files)

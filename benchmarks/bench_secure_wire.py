@@ -32,7 +32,12 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_wire import WARMUP, make_model, micro  # the same model and warm-up as bench_wire
+from bench_wire import (  # the same model, warm-up and timing as bench_wire
+    WARMUP,
+    make_model,
+    micro,
+    timed_stream,
+)
 
 from p2pser.gossip.codec import Decoder, encode, template_of
 from p2pser.gossip.transport import CurveConfig, ZmqTransport
@@ -121,18 +126,7 @@ def trial(mode: str, count: int, seed: int) -> tuple[float, float]:
                 if not transport.send(1, encode(model, sender=0, round=k, samples=1)):
                     raise SystemExit("transport dropped a message: queue_limit too small")
             close = transport.close
-        for k in range(WARMUP):
-            send(k)
-        if ctl.recv() != b"warm":
-            raise SystemExit("receiver protocol error")
-        start, cpu = time.perf_counter(), time.process_time()
-        for k in range(WARMUP, total):
-            send(k)
-        done, receiver_cpu = ctl.recv_string().split()
-        if done != "done":
-            raise SystemExit("receiver protocol error")
-        elapsed = time.perf_counter() - start
-        cpu = time.process_time() - cpu + float(receiver_cpu)
+        elapsed, cpu = timed_stream(send, ctl, total)
         close()
     finally:
         if proc.wait(timeout=60) != 0:

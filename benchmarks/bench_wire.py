@@ -75,6 +75,25 @@ def receiver(mode: str, control: str, total: int, seed: int) -> None:
     ctx.term()
 
 
+def timed_stream(send, ctl: zmq.Socket, total: int) -> tuple[float, float]:
+    """Send WARMUP untimed messages, then time the rest until the receiver reports done.
+
+    Returns (wall seconds, CPU seconds of both processes). ``ctl`` is the control socket the receiver
+    answers on ("warm", then "done <its cpu seconds>"). bench_secure_wire.py times its paths with this too.
+    """
+    for k in range(WARMUP):
+        send(k)
+    if ctl.recv() != b"warm":
+        raise SystemExit("receiver protocol error")
+    start, cpu = time.perf_counter(), time.process_time()
+    for k in range(WARMUP, total):
+        send(k)
+    done, receiver_cpu = ctl.recv_string().split()
+    if done != "done":
+        raise SystemExit("receiver protocol error")
+    return time.perf_counter() - start, time.process_time() - cpu + float(receiver_cpu)
+
+
 def trial(mode: str, count: int, seed: int) -> tuple[float, float]:
     """Wall seconds to stream ``count`` messages after the warm-up, end to end (until the receiver has them),
     and the CPU seconds both processes spent on it (less sensitive than wall time to other jobs' load)."""
@@ -105,18 +124,7 @@ def trial(mode: str, count: int, seed: int) -> tuple[float, float]:
             def send(k: int) -> None:
                 if not transport.send(1, encode(model, sender=0, round=k, samples=1)):
                     raise SystemExit("transport dropped a message: queue_limit too small")
-        for k in range(WARMUP):
-            send(k)
-        if ctl.recv() != b"warm":
-            raise SystemExit("receiver protocol error")
-        start, cpu = time.perf_counter(), time.process_time()
-        for k in range(WARMUP, total):
-            send(k)
-        done, receiver_cpu = ctl.recv_string().split()
-        if done != "done":
-            raise SystemExit("receiver protocol error")
-        elapsed = time.perf_counter() - start
-        cpu = time.process_time() - cpu + float(receiver_cpu)
+        elapsed, cpu = timed_stream(send, ctl, total)
         if mode == "raw":
             dealer.close(0)
         else:

@@ -42,3 +42,19 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory, synth_corpus) -> Path:
+    """The synthetic corpus' features for the multi-host tests, extracted once per session."""
+    from test_netns import warm_feature_cache
+
+    return warm_feature_cache(tmp_path_factory, synth_corpus)
+
+
+@pytest.fixture
+def bed(request) -> str:
+    """A three-host network-namespace test bed, torn down even when the test fails."""
+    from test_netns import start_bed
+
+    return start_bed(request)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_launch import free_base_port
-from test_netns import FAST, bed_cmd, spread_topology, start_bed, warm_feature_cache
+from test_netns import FAST, bed_cmd, spread_topology
 
 from p2pser.cli import main
 from p2pser.errors import UserError
@@ -26,16 +26,6 @@ CHANCE = 1 / 6  # the synthetic corpus has six emotions
 SUMMARY_KEYS = {"mode", "algorithm", "topology", "peers", "rounds", "ua_mean", "ua_min", "ua_max", "ua_average_model",
                 "consensus_distance_first", "consensus_distance_last", "bytes_sent_total", "bytes_sent_max_peer",
                 "wall_s", "per_peer", "crashed_peers", "consensus_distance_per_round", "ua_mean_per_round"}
-
-
-@pytest.fixture(scope="session")
-def feature_cache(tmp_path_factory, synth_corpus) -> Path:
-    return warm_feature_cache(tmp_path_factory, synth_corpus)
-
-
-@pytest.fixture
-def bed(request) -> str:
-    return start_bed(request)
 
 
 def test_slurm_host_lists_expand_like_slurm():

@@ -56,16 +56,6 @@ def start_bed(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def feature_cache(tmp_path_factory, synth_corpus) -> Path:
-    return warm_feature_cache(tmp_path_factory, synth_corpus)
-
-
-@pytest.fixture
-def bed(request) -> str:
-    return start_bed(request)
-
-
 def spread_topology(n: int, hosts: int, port: int = 27500, kind: str = "complete") -> Topology:
     """Peer i on host i % hosts of the test bed."""
     topo = make_topology(kind, n, base_port=port)

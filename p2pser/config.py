@@ -22,6 +22,10 @@ from p2pser.errors import UserError
 ALGORITHMS = ("dpsgd", "gossip", "fedavg")
 PARTITIONS = ("speaker", "dirichlet", "iid")
 SECURITY = ("auto", "on", "off")
+RESUME = ("auto", "off")
+LIVENESS = ("adaptive", "fixed")
+MIXINGS = ("average", "clipped", "trimmed")
+ATTACKS = ("none", "sign-flip", "scale", "random")
 
 
 def _opt(help_text: str, **choices: Any) -> dict:
@@ -60,9 +64,33 @@ class RunConfig:
         default="auto", **_opt("CurveZMQ encryption and key checks (auto: on when peers span hosts)", choices=SECURITY)
     )
     keys: str | None = field(default=None, **_opt("key folder of `p2pser keys new`, or this peer's peer-K.key file"))
+    checkpoint_every: int = field(
+        default=5, **_opt("save model, optimiser and position every K rounds and at exit (0 = at exit only)")
+    )
+    resume: str = field(
+        default="auto", **_opt("auto: a peer whose folder holds a checkpoint resumes from it", choices=RESUME)
+    )
+    liveness: str = field(
+        default="adaptive",
+        **_opt("per-neighbour deadlines learned from observed latency, or always --round-timeout", choices=LIVENESS),
+    )
+    mixing: str = field(
+        default="average",
+        **_opt("how neighbours' models are combined (clipped, trimmed: Byzantine-robust)", choices=MIXINGS),
+    )
+    trim: int = field(default=1, **_opt("--mixing trimmed: values dropped at each end of every coordinate"))
+    clip_radius: float = field(
+        default=0.0, **_opt("--mixing clipped: clipping radius (0 = adaptive, from the neighbours' distances)")
+    )
+    attack: str = field(
+        default="none", **_opt("what --attackers send instead of their model (experiments)", choices=ATTACKS)
+    )
+    attackers: str | None = field(default=None, **_opt("comma list of peer ids that attack, e.g. 3,11"))
+    attack_scale: float = field(default=10.0, **_opt("factor of --attack scale, noise std of --attack random"))
 
     def __post_init__(self) -> None:
-        for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY)):
+        for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY),
+                              ("resume", RESUME), ("liveness", LIVENESS), ("mixing", MIXINGS), ("attack", ATTACKS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
@@ -71,8 +99,19 @@ class RunConfig:
         for name in ("lr", "alpha", "round_timeout", "startup_timeout", "max_seconds"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "trim", "clip_radius"):
+            if getattr(self, name) < 0:
+                raise UserError(f"config key '{name}' must not be negative, got {getattr(self, name)}")
+        self.attacker_ids()  # a malformed list fails on load, not in the middle of a run
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
+
+    def attacker_ids(self) -> frozenset[int]:
+        """The peers that run ``attack`` (an experiment's Byzantine peers)."""
+        try:
+            return frozenset(int(v) for v in (self.attackers or "").split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"config key 'attackers' must be a comma list of peer ids, got {self.attackers!r}") from None
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

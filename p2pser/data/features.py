@@ -1,9 +1,11 @@
 """Acoustic features for SER, extracted in parallel processes into a content-keyed on-disk cache.
 
-Per file: decode (any libsndfile format), mix down to mono, resample to the spec's rate, reject empty,
-silent or too-short audio, trim leading/trailing silence, normalise the level, and compute frame features
-``[C, T_full]``. The cache keeps the full-length features; ``extract_features`` pads or crops them to
-``spec.frames`` when it assembles the array, so changing ``max_seconds`` needs no re-extraction.
+Per file: decode (any libsndfile format, whatever the file's suffix says), mix down to mono, remove any DC
+offset, resample to the spec's rate, reject empty, silent, too-short or too-long audio, trim leading/trailing
+silence, normalise the level, and compute frame features ``[C, T_full]``. A file that cannot give features
+is skipped with a one-line reason and the run goes on; only a corpus with no usable file is an error. The
+cache keeps the full-length features; ``extract_features`` pads or crops them to ``spec.frames`` when it
+assembles the array, so changing ``max_seconds`` needs no re-extraction.
 
 Cache layout (``--cache-dir``, else ``$P2PSER_CACHE_DIR``, else ``~/.cache/p2pser/features``)::
 
@@ -30,6 +32,7 @@ import math
 import multiprocessing
 import os
 import resource
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -54,11 +57,18 @@ KINDS = ("mfcc", "logmel", "chroma", "spectral")
 NORMALIZATIONS = ("rms", "peak", "none")
 
 # Bump when the extraction code changes its output, so old cache entries are not reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: DC offset removed before the silence check, trimming and level normalisation
 _INDEX_VERSION = 2
 _RMS_TARGET_DBFS = -20.0
 # Below -80 dBFS peak there is no speech to hear (RAVDESS's quietest takes still peak near -34 dBFS).
 _SILENT_PEAK = 1e-4
+# Corpus files are utterances of seconds (IEMOCAP's longest is ~35 s): a file of many minutes is a session
+# that needs cutting, and decoding it whole could exhaust a peer's memory. Together the limits keep one
+# worker under a GB (file bytes + mono samples); beyond them a file is skipped with its reason.
+_MAX_SECONDS = 300.0
+_MAX_FILE_BYTES = 512 * 2**20
+_MIN_RATE = 4000  # Hz: below this no speech band survives (and it is the lowest FeatureSpec rate)
+_DECODE_BLOCK = 1024  # frames per read: a decoding error loses at most this much of what came before it
 _SPECTRAL_STATS = 6  # centroid, bandwidth, rolloff, flatness, zero-crossing rate, RMS level
 _CONTRAST_FMIN = 200.0
 # A worker process costs 3-5 CPU-seconds to start (importing librosa, scipy.signal and numba's cached
@@ -286,6 +296,8 @@ def extract_features(
         if outcome.digest is None:
             reasons[path] = outcome.reason or "unreadable"
             continue
+        if outcome.note:
+            log.warning("%s: %s", path, outcome.note)
         digests[path] = outcome.digest
         index.record(path, st, outcome.digest)
         audio_seconds += outcome.seconds
@@ -478,6 +490,7 @@ class _Outcome(NamedTuple):
     digest: str | None  # content hash, None when the file could not be read at all
     reason: str | None  # why the file is unusable when it was not even readable
     seconds: float  # decoded audio seconds when this call computed features, else 0
+    note: str | None = None  # damage the user should hear about although the file was used
 
 
 class _Unusable(Exception):
@@ -539,55 +552,132 @@ def _extract_batch(paths: list[str], cache: _Cache) -> list[_Outcome]:
 def _extract_file(path: str, cache: _Cache) -> _Outcome:
     """Hash one file and put its features (or the reason it has none) into the cache."""
     try:
-        data = Path(path).read_bytes()
+        data = _read_file(path)
     except OSError as exc:
         return _Outcome(None, f"cannot read: {exc.strerror or exc}", 0.0)
+    except _Unusable as exc:  # not hashed, so not cached: the check costs no more than the stat before it
+        return _Outcome(None, str(exc), 0.0)
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     missing = cache.missing_parts(digest)
     if cache.skip_path(digest).exists() or not missing:
         return _Outcome(digest, None, 0.0)
     try:
-        y, seconds = _load_audio(data, cache.spec)
+        y, seconds, damage = _load_audio(data, cache.spec)
     except _Unusable as exc:
         cache.save_skip(digest, str(exc))
         return _Outcome(digest, None, 0.0)
     for part, values in _compute_parts(y, cache.spec, missing).items():
         cache.save_part(digest, part, values)
-    return _Outcome(digest, None, seconds)
+    return _Outcome(digest, None, seconds, f"{damage}; using the {seconds:.2f} s before" if damage else None)
 
 
-def _load_audio(data: bytes, spec: FeatureSpec) -> tuple[np.ndarray, float]:
-    """Decoded, mono, resampled, trimmed and level-normalised waveform, and the decoded duration."""
-    import librosa
-    import soundfile
-
-    if not data:
-        raise _Unusable("empty file (0 bytes)")
+def _read_file(path: str) -> bytes:
+    """The bytes of a regular file of at most _MAX_FILE_BYTES; _Unusable (or OSError) otherwise."""
+    # O_NONBLOCK: opening a FIFO named like an audio file would otherwise wait forever for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile reports bad content with several exception types
-        raise _Unusable(f"not readable audio ({exc})") from exc
-    if audio.shape[0] == 0:
-        raise _Unusable("no audio samples")
-    y = audio.mean(axis=1)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe, socket or device"
+            raise _Unusable(f"not a regular file ({kind})")
+        if st.st_size > _MAX_FILE_BYTES:
+            size, limit = st.st_size / 2**20, _MAX_FILE_BYTES // 2**20
+            raise _Unusable(f"too large for one utterance ({size:.0f} MB, limit {limit} MB); cut it into "
+                            "utterances")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+def _load_audio(data: bytes, spec: FeatureSpec) -> tuple[np.ndarray, float, str | None]:
+    """Decoded, mono, resampled, trimmed and level-normalised waveform, the decoded duration, and the
+    damage found when only a leading part of the file decodes (else None)."""
+    import librosa
+
+    y, rate, channels, damage = _decode(data)
+    # The reasons below name the damage too: "too short" alone would puzzle the owner of a 3 s file.
+    suffix = f"; {damage}" if damage else ""
     if not np.isfinite(y).all():
-        raise _Unusable("audio contains NaN or infinite samples")
+        raise _Unusable("audio contains NaN or infinite samples" + suffix)
     seconds = len(y) / rate
+    # A constant offset (a cheap microphone, a badly converted file) carries no sound, yet it would count as
+    # level in the silence check, trimming and normalisation.
+    offset = float(y.mean(dtype=np.float64))
+    y = y - np.float32(offset)
     if rate != spec.sample_rate:
         y = librosa.resample(y, orig_sr=rate, target_sr=spec.sample_rate)
     peak = float(np.abs(y).max())
     if peak < _SILENT_PEAK:
         level = 20 * math.log10(peak) if peak > 0 else -math.inf
-        raise _Unusable(f"silent (peak {level:.0f} dBFS)")
+        how = [f"after removing a DC offset of {offset:+.3f}"] if abs(offset) >= _SILENT_PEAK else []
+        how += [f"after mixing {channels} channels to mono"] if channels > 1 else []
+        raise _Unusable(f"silent (peak {level:.0f} dBFS{' ' if how else ''}{' and '.join(how)})" + suffix)
     if spec.trim_db is not None:
         y = _trim(y, spec.trim_db, spec.hop_length)
     if len(y) < spec.n_fft:
-        raise _Unusable(f"too short: {1000 * len(y) / spec.sample_rate:.0f} ms of sound")
+        raise _Unusable(f"too short: {1000 * len(y) / spec.sample_rate:.0f} ms of sound" + suffix)
     if spec.normalize == "rms":
         y = y * (10 ** (_RMS_TARGET_DBFS / 20) / max(float(np.sqrt(np.mean(y**2))), 1e-12))
     elif spec.normalize == "peak":
         y = y / float(np.abs(y).max())
-    return y.astype(np.float32), seconds
+    return y.astype(np.float32), seconds, damage
+
+
+def _decode(data: bytes) -> tuple[np.ndarray, int, int, str | None]:
+    """Mono float32 samples at the file's own rate, that rate, the channel count, and the damage if decoding
+    failed part-way (else None).
+
+    Reads block by block rather than trusting the header's length: a header claiming billions of frames
+    would otherwise allocate them up front, and a decoder error would lose what had decoded before it.
+    A file that fails part-way (truncated download, broken FLAC frame) is used up to the failure: the
+    frames before it passed the codec's checks (FLAC frames carry a CRC), the features are cropped from
+    the start anyway, and a truncated WAV gives the same result because libsndfile silently reads what is
+    there. Less than ``min_seconds`` of it is then skipped as too short, naming the damage.
+    """
+    import soundfile
+
+    if not data:
+        raise _Unusable("empty file (0 bytes)")
+    try:
+        sound = soundfile.SoundFile(io.BytesIO(data))
+    except Exception as exc:  # libsndfile reports bad content with several exception types
+        raise _Unusable(f"not readable audio ({_decoder_message(exc)})") from exc
+    with sound:
+        rate, channels = sound.samplerate, sound.channels
+        if rate < _MIN_RATE:
+            raise _Unusable(f"sample rate {rate} Hz is too low for speech (need at least {_MIN_RATE} Hz)")
+        limit = int(_MAX_SECONDS * rate)
+        blocks: list[np.ndarray] = []
+        decoded, damage = 0, None
+        while True:
+            try:
+                block = sound.read(_DECODE_BLOCK, dtype="float32", always_2d=True)
+            except Exception as exc:
+                if not decoded:
+                    raise _Unusable(f"not readable audio ({_decoder_message(exc)})") from exc
+                claimed = sound.frames / rate
+                announced = f" of the {claimed:.2f} s its header announces" if sound.frames > decoded else ""
+                damage = f"decoding stopped after {decoded / rate:.2f} s{announced} ({_decoder_message(exc)})"
+                break
+            if not len(block):
+                break
+            decoded += len(block)
+            if decoded > limit:
+                raise _Unusable(f"too long: more than {_MAX_SECONDS:.0f} s of audio; cut it into utterances")
+            # Mixing down block by block keeps memory at one channel's worth.
+            blocks.append(block.mean(axis=1) if channels > 1 else block[:, 0])
+    if not decoded:
+        raise _Unusable("no audio samples")
+    return np.concatenate(blocks), rate, channels, damage
+
+
+def _decoder_message(exc: Exception) -> str:
+    """libsndfile's own words, without its "Error : " prefix or the in-memory file's object address."""
+    text = getattr(exc, "error_string", None) or str(exc) or type(exc).__name__
+    text = " ".join(str(text).split())
+    return text.removeprefix("Error : ").rstrip(".")
 
 
 def _trim(y: np.ndarray, top_db: float, block: int) -> np.ndarray:

@@ -1,0 +1,40 @@
+"""Byzantine attack modes for experiments: what a peer listed in ``--attackers`` sends instead of its model.
+
+An attacker trains and mixes honestly; it lies only on the wire (``Peer.encode``). Its own parameters are
+never touched, so what it sends each round is a function of an honest model, which is the usual threat
+model of the robust-aggregation literature (the attacker knows the honest models and tracks them):
+
+- ``sign-flip``: ``-x``, the model with its sign flipped (a full-strength pull towards the negated model;
+  ``--attack-scale`` is not used, so the attack is the same whatever the scale);
+- ``scale``: ``attack_scale * x``;
+- ``random``: random parameters, Gaussian with mean 0 and standard deviation ``attack_scale``, drawn from a
+  generator seeded by (run seed, peer, round), so the same run sends the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from p2pser.config import RunConfig
+
+# Separates the attack's random stream from every other use of (seed, peer, round).
+_STREAM = 0xB1
+
+
+def is_attacker(config: RunConfig, peer_id: int) -> bool:
+    return config.attack != "none" and peer_id in config.attacker_ids()
+
+
+def corrupt(state: Mapping[str, np.ndarray], config: RunConfig, peer_id: int, round_: int) -> dict[str, np.ndarray]:
+    """What attacker ``peer_id`` sends in ``round_`` instead of ``state``: new arrays of the same names,
+    shapes and dtypes; ``state`` itself is left unchanged. An honest peer's state comes back as is."""
+    if not is_attacker(config, peer_id):
+        return dict(state)
+    if config.attack == "sign-flip":
+        return {name: np.negative(value) for name, value in state.items()}
+    if config.attack == "scale":
+        return {name: (value * config.attack_scale).astype(value.dtype) for name, value in state.items()}
+    rng = np.random.default_rng([config.seed, peer_id, round_, _STREAM])
+    return {name: rng.normal(0.0, config.attack_scale, value.shape).astype(value.dtype) for name, value in state.items()}

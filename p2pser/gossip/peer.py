@@ -19,8 +19,9 @@ import torch
 
 from p2pser.config import RunConfig, train_config
 from p2pser.data.features import Normalizer
+from p2pser.gossip.attacks import corrupt, is_attacker
 from p2pser.gossip.codec import Message, encode, template_of
-from p2pser.gossip.mixing import Contribution, MixingRule, WeightedAverage, consensus_distance
+from p2pser.gossip.mixing import Contribution, MixingRule, consensus_distance, make_rule
 from p2pser.learn.local import LocalTrainer, evaluate
 from p2pser.learn.models import build_model
 
@@ -93,7 +94,7 @@ class Peer:
         self.data = data
         self.config = config
         self.mix_weights = dict(mix_weights)  # includes our own id: the diagonal of the mixing matrix
-        self.rule = rule or WeightedAverage()
+        self.rule = rule or make_rule(config)
         _, channels, frames = data.x_train.shape
         # Every peer starts from the same initial weights (same seed): the usual D-PSGD set-up, and the
         # consensus distance then measures only what training and mixing did.
@@ -131,6 +132,8 @@ class Peer:
         return loss
 
     def encode(self, state: Mapping[str, np.ndarray], round_: int, *, age: float = 0.0) -> list:
+        if is_attacker(self.config, self.id):  # an experiment's Byzantine peer: lies on the wire, never to itself
+            state = corrupt(state, self.config, self.id, round_)
         return encode(state, sender=self.id, round=round_, samples=self.samples, age=age)
 
     def mix(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,40 @@ def load_models(run_dir: Path) -> list[tuple[int, dict[str, np.ndarray], dict]]:
     return out
 
 
+def run_attackers(run_dir: Path) -> frozenset[int]:
+    """The attacking peers of a run whose folder holds its ``config.toml`` (launch, multi-host runs)."""
+    from p2pser.config import load_config
+    from p2pser.gossip.attacks import is_attacker
+
+    path = run_dir / "config.toml"
+    if not path.exists():
+        return frozenset()
+    cfg = load_config(path)
+    return frozenset(p for p in cfg.attacker_ids() if is_attacker(cfg, p))
+
+
+def honest_figures(finals: Mapping[int, float | None], attackers: Iterable[int]) -> dict[str, Any]:
+    """Final test UA over the honest peers only: what an attack costs the peers that do not attack."""
+    attackers = sorted(set(attackers))
+    honest = [v for p, v in finals.items() if p not in attackers and v is not None]
+    return {
+        "attackers": attackers,
+        "honest_peers": sum(1 for p in finals if p not in attackers),
+        "honest_test_ua_mean": float(np.mean(honest)) if honest else None,
+        "honest_test_ua_min": float(np.min(honest)) if honest else None,
+    }
+
+
 def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
-              ua_average_model: float | None = None) -> dict[str, Any]:
-    """Write ``summary.json`` and the plots; return the summary."""
+              ua_average_model: float | None = None, attackers: Iterable[int] | None = None) -> dict[str, Any]:
+    """Write ``summary.json`` and the plots; return the summary.
+
+    ``attackers`` (an experiment's Byzantine peers; None: read them from the run folder's ``config.toml``
+    if there is one) adds the honest-peer figures of ``honest_figures``; without attackers the summary has
+    no such fields.
+    """
     run_dir = Path(run_dir)
+    attackers = run_attackers(run_dir) if attackers is None else frozenset(attackers)
     metrics = read_metrics(run_dir)
     status = read_status(run_dir)
     finals = {p: final_value(rows, "test_ua") for p, rows in metrics.items()}
@@ -104,6 +135,8 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
         "consensus_distance_per_round": consensus,
         "ua_mean_per_round": {r: float(np.mean(v)) for r, v in per_round(metrics, "test_ua").items()},
     }
+    if attackers:
+        summary |= honest_figures(finals, attackers)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_run(run_dir, metrics, consensus)
     return summary

@@ -17,6 +17,7 @@ raises ``CodecError`` whose ``reason`` is a short code a peer can count and log.
 from __future__ import annotations
 
 import math
+import reprlib
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,17 @@ def _wire_dtype(dtype: np.dtype) -> str:
     return name
 
 
+# Received values are quoted in rejection reasons through this: a hostile header may hold a megabyte string
+# or lists nested a thousand deep, whose plain repr() floods the log or raises RecursionError.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 3, 60, 60, 40
+
+
+def _show(value: Any) -> str:
+    """A short, safe repr of a received value for a rejection reason."""
+    return _QUOTE.repr(value)
+
+
 def _check_meta(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CodecError("type", "meta must be a map")
@@ -123,7 +135,7 @@ def _check_meta(meta: Any) -> dict[str, Any]:
         raise CodecError("oversize", f"meta has {len(meta)} keys, at most {MAX_META_KEYS}")
     for key, value in meta.items():
         if not isinstance(key, str) or len(key) > MAX_NAME_LEN:
-            raise CodecError("type", f"meta key {key!r} must be a short string")
+            raise CodecError("type", f"meta key {_show(key)} must be a short string")
         if isinstance(value, str):
             if len(value) > MAX_META_STR:
                 raise CodecError("oversize", f"meta[{key!r}] is longer than {MAX_META_STR} characters")
@@ -213,7 +225,7 @@ def _is_int(value: Any) -> bool:
 def _nonneg_int(header: dict, key: str, limit: int = 1 << 62) -> int:
     value = header[key]
     if not _is_int(value) or not 0 <= value < limit:
-        raise CodecError("type", f"{key} must be a non-negative integer, got {value!r}")
+        raise CodecError("type", f"{key} must be a non-negative integer, got {_show(value)}")
     return value
 
 
@@ -223,7 +235,7 @@ def _str_list(header: dict, key: str, count: int) -> list[str]:
         raise CodecError("type", f"{key} must be a list of {count} strings")
     for item in value:
         if not isinstance(item, str) or not 0 < len(item) <= MAX_NAME_LEN:
-            raise CodecError("type", f"{key} holds {item!r}, not a short string")
+            raise CodecError("type", f"{key} holds {_show(item)}, not a short string")
     return value
 
 
@@ -255,13 +267,13 @@ class Decoder:
         if "v" not in header:
             raise CodecError("fields", "header has no version field 'v'")
         if header["v"] != VERSION or not _is_int(header["v"]):
-            raise CodecError("version", f"wire version {header['v']!r}; this peer speaks version {VERSION}")
+            raise CodecError("version", f"wire version {_show(header['v'])}; this peer speaks version {VERSION}")
         missing = HEADER_FIELDS - header.keys()
         extra = header.keys() - HEADER_FIELDS
         if missing or extra:
-            raise CodecError("fields", f"missing {sorted(missing)}, unexpected {sorted(map(str, extra))}")
+            raise CodecError("fields", f"missing {sorted(missing)}, unexpected {_show(sorted(extra))}")
         if not isinstance(header["kind"], str) or header["kind"] not in KINDS:
-            raise CodecError("kind", f"unknown message kind {header['kind']!r}")
+            raise CodecError("kind", f"unknown message kind {_show(header['kind'])}")
         return header
 
     def decode(self, frames: Sequence[Any]) -> Message:
@@ -278,10 +290,10 @@ class Decoder:
         if hash_name == "xxh3_64" and "xxh3_64" not in HASHES:
             raise CodecError("checksum", "sender used xxh3_64 but the xxhash package is not installed here")
         if not isinstance(hash_name, str) or hash_name not in HASHES:
-            raise CodecError("type", f"unknown checksum algorithm {hash_name!r}; known: {', '.join(HASHES)}")
+            raise CodecError("type", f"unknown checksum algorithm {_show(hash_name)}; known: {', '.join(HASHES)}")
         age = header["age"]
         if not isinstance(age, (int, float)) or isinstance(age, bool):
-            raise CodecError("type", f"age must be a number, got {age!r}")
+            raise CodecError("type", f"age must be a number, got {_show(age)}")
         if not math.isfinite(age) or age < 0:
             raise CodecError("nonfinite" if not math.isfinite(age) else "type", f"age is {age}")
         meta = _check_meta(header["meta"])
@@ -333,7 +345,7 @@ class Decoder:
         for shape in value:
             if (not isinstance(shape, list) or len(shape) > MAX_NDIM
                     or not all(_is_int(d) and 0 <= d < (1 << 40) for d in shape)):
-                raise CodecError("type", f"shape {shape!r} is not a list of at most {MAX_NDIM} sizes")
+                raise CodecError("type", f"shape {_show(shape)} is not a list of at most {MAX_NDIM} sizes")
             shapes.append(tuple(shape))
         return shapes
 

@@ -354,8 +354,6 @@ def test_cli_simulate_goes_on_past_the_bad_files(corpus, tmp_path):
         assert skips == ([f"WARNING p2pser.data.features: skipped {path}: {reason}"] if reason else []), skips
 
 
-@pytest.mark.xfail(strict=True, reason="build_peer looks for a peer without data only after "
-                   "Normalizer.fit raised ValueError on it (a traceback); fix asked of its owner")
 def test_cli_simulate_peer_whose_files_are_all_bad_is_one_clear_error(corpus, tmp_path, speech):
     data, cache, _ = corpus
     copy = tmp_path / "corpus"
@@ -376,7 +374,8 @@ def test_cli_simulate_peer_whose_files_are_all_bad_is_one_clear_error(corpus, tm
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"p2pser: error: peer {peer} has no usable training audio (all its files were skipped)"
+        f"p2pser: error: peer {peer} has no usable training audio: all {len(lost)} of its files were skipped "
+        "(reasons above); fix or remove them, or use fewer peers"
     )
     for path in lost:
         assert len(lines_naming(proc.stderr, path)) == 1

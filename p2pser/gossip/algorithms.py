@@ -16,6 +16,7 @@ in-memory network and a virtual clock. Nothing else differs between simulation a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,10 @@ from typing import Any
 import numpy as np
 
 from p2pser.gossip.codec import Message
+from p2pser.gossip.liveness import Deadlines
 from p2pser.gossip.peer import Peer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ class Gather:
 class Gathered:
     messages: dict[int, Message]
     heard: frozenset[int] = field(default_factory=frozenset)  # neighbours heard from since the last gather
+    # Seconds from the gather's start until each message was filed (0: it was already there), on the
+    # runner's clock: what p2pser.gossip.liveness learns deadlines from.
+    waits: dict[int, float] = field(default_factory=dict)
+    # The newest round any neighbour has sent a model for, even one refused as too far ahead: far above our
+    # own round, it tells a peer that it fell behind (restarted, cut off) and should catch up.
+    newest: int = -1
 
 
 @dataclass(frozen=True)
@@ -111,24 +121,32 @@ def dpsgd(peer: Peer, start_round: int = 0) -> Algorithm:
     a deadline, then average with Metropolis-Hastings weights renormalised over what arrived.
 
     A neighbour that missed a whole deadline is not waited for again until it is heard from, so a dead
-    neighbour costs one timeout, not one per round.
+    neighbour costs one timeout, not one per round; with ``liveness = "adaptive"`` that timeout is a few
+    normal round times (``p2pser.gossip.liveness``) rather than the whole ``round_timeout``.
     """
     cfg = peer.config
     stop = _StopRule(cfg)
     suspects: set[int] = set()
-    for r in range(start_round, cfg.rounds):
+    deadlines = Deadlines.from_config(cfg, peer.id)
+    r = start_round
+    while r < cfg.rounds:
+        peer.round = r
         loss = peer.local_update(cfg.local_steps)
         yield Compute(cfg.local_steps)
         own = peer.snapshot()
         yield Send(tuple(peer.neighbours), peer.encode(own, r))
-        timeout = cfg.startup_timeout if r == start_round else cfg.round_timeout
-        got: Gathered = yield Gather("model", r, frozenset(peer.neighbours) - suspects, timeout)
+        expect = frozenset(peer.neighbours) - suspects
+        timeout = cfg.startup_timeout if r == start_round else deadlines.timeout(expect)
+        got: Gathered = yield Gather("model", r, expect, timeout)
+        deadlines.observe(got.waits, expect - set(got.messages))
         suspects = _suspects_after(suspects, peer.neighbours, got)
         distance = peer.mix(own, got.messages, peer.mix_weights)
-        row = _row(peer, r, loss, distance, list(got.messages))
+        row = _row(peer, r, loss, distance, list(got.messages)) | deadlines.row(timeout, got.waits)
         elapsed = yield Record(row)
+        deadlines.round_ended(elapsed)
         if stop.done(row, elapsed):
             return
+        r = yield from _next_round(peer, r, got)
 
 
 def fedavg(peer: Peer, start_round: int = 0, hub: int = 0) -> Algorithm:
@@ -137,14 +155,19 @@ def fedavg(peer: Peer, start_round: int = 0, hub: int = 0) -> Algorithm:
     cfg = peer.config
     stop = _StopRule(cfg)
     suspects: set[int] = set()
-    for r in range(start_round, cfg.rounds):
+    deadlines = Deadlines.from_config(cfg, peer.id)
+    r = start_round
+    while r < cfg.rounds:
+        peer.round = r
         first = r == start_round
         loss = peer.local_update(cfg.local_steps)
         yield Compute(cfg.local_steps)
         own = peer.snapshot()
         if peer.id == hub:
-            timeout = cfg.startup_timeout if first else cfg.round_timeout
-            got: Gathered = yield Gather("model", r, frozenset(peer.neighbours) - suspects, timeout)
+            expect = frozenset(peer.neighbours) - suspects
+            timeout = cfg.startup_timeout if first else deadlines.timeout(expect)
+            got: Gathered = yield Gather("model", r, expect, timeout)
+            deadlines.observe(got.waits, expect - set(got.messages))
             suspects = _suspects_after(suspects, peer.neighbours, got)
             weights = {peer.id: peer.samples} | {s: m.samples for s, m in got.messages.items()}
             distance = peer.mix(own, got.messages, weights)
@@ -152,15 +175,18 @@ def fedavg(peer: Peer, start_round: int = 0, hub: int = 0) -> Algorithm:
             heard = list(got.messages)
         else:
             yield Send((hub,), peer.encode(own, r))
-            # The hub may itself wait a full round timeout for a dead client before it answers.
-            timeout = (cfg.startup_timeout if first else 0.0) + 2 * cfg.round_timeout
+            # The hub may itself wait a whole deadline for a dead client before it answers.
+            timeout = (cfg.startup_timeout if first else 0.0) + 2 * deadlines.timeout({hub})
             got = yield Gather("model", r, frozenset({hub}), timeout)
+            deadlines.observe(got.waits, {hub} - set(got.messages))
             distance = peer.mix(own, got.messages, {peer.id: 0.0, hub: 1.0})
             heard = list(got.messages)
-        row = _row(peer, r, loss, distance, heard)
+        row = _row(peer, r, loss, distance, heard) | deadlines.row(timeout, got.waits)
         elapsed = yield Record(row)
+        deadlines.round_ended(elapsed)
         if stop.done(row, elapsed):
             return
+        r = yield from _next_round(peer, r, got)
 
 
 def gossip(peer: Peer, start_round: int = 0) -> Algorithm:
@@ -169,10 +195,12 @@ def gossip(peer: Peer, start_round: int = 0) -> Algorithm:
     cfg = peer.config
     stop = _StopRule(cfg)
     rng = np.random.default_rng([cfg.seed, peer.id, 7])
-    age = float(start_round * cfg.local_steps)
+    age = max(peer.age, float(start_round * cfg.local_steps))
     for r in range(start_round, cfg.rounds):
+        peer.round = r
         loss = peer.local_update(cfg.local_steps)
         age += cfg.local_steps
+        peer.age = age
         yield Compute(cfg.local_steps)
         own = peer.snapshot()
         target = int(rng.choice(peer.neighbours))
@@ -183,17 +211,72 @@ def gossip(peer: Peer, start_round: int = 0) -> Algorithm:
             weights = {peer.id: age} | {m.sender: max(m.age, 1e-9) for m in arrived}
             distance = peer.mix(own, {m.sender: m for m in arrived}, weights)
             age = max([age] + [m.age for m in arrived])
+            peer.age = age
         row = _row(peer, r, loss, distance, [m.sender for m in arrived])
         elapsed = yield Record(row)
         if stop.done(row, elapsed):
             return
 
 
+PULL_TRIES = 4
+
+
+def _next_round(peer: Peer, r: int, got: Gathered) -> Generator[Any, Any, int]:
+    """The round after ``r``. If a neighbour already sent a model for a later round than that one, it went
+    on without us: we fell behind (a restart whose pull went unanswered, a partition, a long stall), so we
+    catch up first instead of running rounds nobody waits for."""
+    if got.newest > r + 1:
+        return (yield from catch_up(peer, r + 1))
+    return r + 1
+
+
+def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
+    """Pull the neighbours' current parameters, adopt their average in place of our stale model, and move on
+    to the round they are at (after a restart, or on falling behind). Returns the round to continue from.
+
+    Our own model (checkpointed, possibly many rounds old) gets no weight: the neighbours kept learning
+    meanwhile. The pull is repeated up to ``PULL_TRIES`` times within ``round_timeout``: a neighbour's queue
+    towards a peer that was down may be full, or not yet reconnected, and then its answer is lost. After a
+    try that got at least one answer we go on; if nobody answers we continue from where we are.
+    """
+    cfg = peer.config
+    peer.round = start_round
+    answers: dict[int, Message] = {}
+    for _ in range(PULL_TRIES):
+        waiting = frozenset(peer.neighbours) - answers.keys()
+        yield Send(tuple(sorted(waiting)), peer.pull_request())
+        got: Gathered = yield Gather("state", start_round, waiting, cfg.round_timeout / PULL_TRIES)
+        answers |= got.messages
+        if answers:
+            break
+    if not answers:
+        log.warning("peer %d: no neighbour answered the catch-up pull; continuing from round %d", peer.id,
+                    start_round)
+        return start_round
+    answers = dict(sorted(answers.items()))
+    weights = {peer.id: 0.0} | {s: peer.mix_weights.get(s, 1.0) for s in answers}
+    peer.mix(peer.snapshot(), answers, weights)
+    round_ = max([start_round, *(m.round for m in answers.values())])
+    peer.fast_forward(round_, max(m.age for m in answers.values()))
+    log.info("peer %d: caught up from %d neighbour(s) at round %d (was at round %d)",
+             peer.id, len(answers), round_, start_round)
+    return round_
+
+
 ALGORITHMS = {"dpsgd": dpsgd, "gossip": gossip, "fedavg": fedavg}
 
 
-def start(peer: Peer, start_round: int = 0, *, hub: int = 0) -> Algorithm:
+def start(peer: Peer, start_round: int = 0, *, hub: int = 0, resumed: bool = False) -> Algorithm:
+    """The configured algorithm from ``start_round``; ``resumed`` (restarted from a checkpoint) catches up
+    with the neighbours first."""
+    if resumed and start_round < peer.config.rounds:
+        return _resumed(peer, start_round, hub)
     name = peer.config.algorithm
     if name == "fedavg":
         return fedavg(peer, start_round, hub=hub)
     return ALGORITHMS[name](peer, start_round)
+
+
+def _resumed(peer: Peer, start_round: int, hub: int) -> Algorithm:
+    round_ = yield from catch_up(peer, start_round)
+    yield from start(peer, round_, hub=hub)

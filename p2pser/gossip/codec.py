@@ -32,7 +32,9 @@ except ImportError:  # optional speed-up; see HASHES
     xxhash = None
 
 VERSION = 1
-TENSOR_KINDS = frozenset({"model"})
+# "model": a peer's parameters for one round of mixing; "state": its current parameters, sent only to answer a
+# "pull" from a neighbour that restarted and wants to catch up at once.
+TENSOR_KINDS = frozenset({"model", "state"})
 CONTROL_KINDS = frozenset({"hello", "ping", "pull"})
 KINDS = TENSOR_KINDS | CONTROL_KINDS
 MAX_HEADER_BYTES = 1 << 20
@@ -316,7 +318,7 @@ class Decoder:
         sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes)]
         if sum(sizes) > self.max_bytes:
             raise CodecError("oversize", f"{sum(sizes)} tensor bytes, at most {self.max_bytes}")
-        if kind == "model" and self.template is not None:
+        if kind in TENSOR_KINDS and self.template is not None:
             self._match_template(names, shapes, dtypes)
         if len(frames) != 1 + count:
             raise CodecError("frames", f"{len(frames)} frames for {count} tensors; expected {1 + count}")

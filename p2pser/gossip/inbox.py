@@ -27,20 +27,27 @@ class Inbox:
         self._latest: dict[int, Message] = {}
         self._last_round: dict[int, int] = {}  # survives drain(), so a replayed old model is refused
         self._newest: dict[tuple[str, int], int] = {}  # (kind, sender) -> newest synchronous round seen
+        self._states: dict[int, Message] = {}  # answers to our pull, by sender: any round, newest wins
+        self.newest_seen = -1  # newest synchronous round a neighbour sent, accepted or not
 
     def add(self, message: Message, *, synchronous: bool = True) -> str | None:
         """File a decoded message; return why it was refused, or None when it was accepted."""
         if message.sender not in self.neighbours:
             return f"sender {message.sender} is not a neighbour"
+        if message.kind == "state":
+            # A neighbour's current parameters (answering our pull): whatever round it is at is the point.
+            self._states[message.sender] = message
+            return None
+        if message.kind != "model":
+            return f"unexpected {message.kind!r} message"
         if not synchronous:
-            if message.kind != "model":
-                return f"unexpected {message.kind!r} message in asynchronous gossip"
             last = self._last_round.get(message.sender, -1)
             if message.round <= last:
                 return f"round {message.round} from {message.sender} is not newer than round {last} (replay?)"
             self._last_round[message.sender] = message.round
             self._latest[message.sender] = message
             return None
+        self.newest_seen = max(self.newest_seen, message.round)
         if message.round < self.floor:
             return f"stale round {message.round} from {message.sender} (now at round {self.floor})"
         if message.round > self.floor + self.max_rounds_ahead:
@@ -55,12 +62,23 @@ class Inbox:
 
     def has_all(self, kind: str, round_: int, senders: Iterable[int]) -> bool:
         """True when each sender delivered this round, or a later one: a neighbour that restarted ahead of
-        us has skipped this round and will never send it, so waiting for it would only burn the deadline."""
+        us has skipped this round and will never send it, so waiting for it would only burn the deadline.
+        For "state" (pull answers) the round does not matter."""
+        if kind == "state":
+            return all(s in self._states for s in senders)
         slot = self._by_round.get((kind, round_), {})
         return all(s in slot or self._newest.get((kind, s), -1) > round_ for s in senders)
 
     def take(self, kind: str, round_: int) -> dict[int, Message]:
-        """Everything for (kind, round) from any neighbour; that round and earlier ones become stale."""
+        """Everything for (kind, round) from any neighbour; that round and earlier ones become stale.
+
+        Taking "state" answers moves the floor to the newest round among them: the caller catches up to
+        its neighbours and their models for that round must not be refused as too far ahead.
+        """
+        if kind == "state":
+            got, self._states = self._states, {}
+            self.floor = max([self.floor, *(m.round for m in got.values())])
+            return dict(sorted(got.items()))
         got = self._by_round.pop((kind, round_), {})
         self.floor = max(self.floor, round_ + 1)
         for key in [k for k in self._by_round if k[1] < self.floor]:

@@ -115,6 +115,10 @@ class Peer:
         self.template = template_of(self.snapshot())
         self.samples = len(data.y_train)
         self.timings = {"train": 0.0, "eval": 0.0}  # seconds, to tell learning from overhead
+        # Where the algorithm is: the round in progress, and for asynchronous gossip the model's age (local
+        # steps it has seen). Answers to a neighbour's pull and checkpoints report them.
+        self.round = 0
+        self.age = 0.0
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """A copy of the shared parameters: what goes on the wire must not change while it is being sent."""
@@ -131,10 +135,25 @@ class Peer:
         self.timings["train"] += time.perf_counter() - t0
         return loss
 
-    def encode(self, state: Mapping[str, np.ndarray], round_: int, *, age: float = 0.0) -> list:
+    def fast_forward(self, round_: int, age: float = 0.0) -> None:
+        """Jump to ``round_`` (after catching up with neighbours): the learning-rate schedule and the model
+        age follow, so we continue where they are, not where our checkpoint was."""
+        self.round = round_
+        self.age = max(self.age, age)
+        self.trainer.step = max(self.trainer.step, round_ * self.config.local_steps)
+
+    def encode(self, state: Mapping[str, np.ndarray], round_: int, *, age: float = 0.0, kind: str = "model") -> list:
         if is_attacker(self.config, self.id):  # an experiment's Byzantine peer: lies on the wire, never to itself
             state = corrupt(state, self.config, self.id, round_)
-        return encode(state, sender=self.id, round=round_, samples=self.samples, age=age)
+        return encode(state, sender=self.id, round=round_, samples=self.samples, age=age, kind=kind)
+
+    def pull_request(self) -> list:
+        """Ask neighbours for their current parameters (after a restart, to catch up at once)."""
+        return encode({}, sender=self.id, round=self.round, samples=0, kind="pull")
+
+    def answer_pull(self) -> list:
+        """Our current parameters, round and age, for a neighbour that pulled them."""
+        return self.encode(self.snapshot(), self.round, age=self.age, kind="state")
 
     def mix(
         self, own: Mapping[str, np.ndarray], received: Mapping[int, Message], weights: Mapping[int, float]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from p2pser.gossip.algorithms import Algorithm, Compute, Drain, Gather, Gathered, Record, Send
+from p2pser.gossip.checkpoint import Checkpointer
 from p2pser.gossip.codec import CodecError, Decoder
 from p2pser.gossip.inbox import Inbox
 
@@ -38,8 +40,13 @@ class MetricsWriter:
 
 class RealtimeRunner:
     def __init__(self, peer_id: int, neighbours, transport, decoder: Decoder, metrics: MetricsWriter,
-                 *, synchronous: bool) -> None:
+                 *, synchronous: bool, answer_pull: Callable[[], list] | None = None,
+                 checkpointer: Checkpointer | None = None) -> None:
+        """``answer_pull`` gives the frames to send to a neighbour that pulls our current parameters;
+        ``checkpointer`` is told of every finished round."""
         self.peer_id = peer_id
+        self.answer_pull = answer_pull
+        self.checkpointer = checkpointer
         self.transport = transport
         self.decoder = decoder
         self.metrics = metrics
@@ -47,6 +54,7 @@ class RealtimeRunner:
         self.inbox = Inbox(neighbours)
         self.rejected = 0
         self._heard: set[int] = set()
+        self._filed: dict[tuple[str, int, int], float] = {}  # (kind, round, sender) -> when filed, this gather
         self._t0 = time.monotonic()
 
     def run(self, algorithm: Algorithm) -> None:
@@ -82,11 +90,15 @@ class RealtimeRunner:
                     "rejected": self.rejected,
                 }
             )
+            if self.checkpointer is not None:
+                self.checkpointer.after_round(effect.row["round"])
             return elapsed
         raise TypeError(f"unknown effect {effect!r}")
 
     def _gather(self, effect: Gather) -> Gathered:
-        deadline = time.monotonic() + effect.timeout
+        start = time.monotonic()
+        self._filed.clear()  # a message filed before this gather began waited 0 s for it
+        deadline = start + effect.timeout
         while not self.inbox.has_all(effect.kind, effect.round, effect.expect):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -95,7 +107,9 @@ class RealtimeRunner:
         while self._receive(0.0):  # take what is already queued too: a late-but-present model is useful
             pass
         heard, self._heard = frozenset(self._heard), set()
-        return Gathered(self.inbox.take(effect.kind, effect.round), heard)
+        messages = self.inbox.take(effect.kind, effect.round)
+        waits = {s: max(self._filed.get((m.kind, m.round, s), start) - start, 0.0) for s, m in messages.items()}
+        return Gathered(messages, heard, waits, self.inbox.newest_seen)
 
     def _receive(self, timeout: float) -> bool:
         """Receive and file at most one message; False when nothing arrived within ``timeout``."""
@@ -113,10 +127,15 @@ class RealtimeRunner:
             return True
         if message.sender in self.inbox.neighbours:
             self._heard.add(message.sender)
+            if message.kind == "pull" and self.answer_pull is not None:
+                self.transport.send(message.sender, self.answer_pull())
+                return True
         reason = self.inbox.add(message, synchronous=self.synchronous)
         if reason is not None:
             # Late or duplicate models are ordinary in a lossy network: counted, logged quietly.
             self._reject(claimed, reason, logging.INFO)
+        elif self.synchronous:
+            self._filed[(message.kind, message.round, message.sender)] = time.monotonic()
         return True
 
     def _reject(self, claimed: int | None, reason: str, level: int = logging.WARNING) -> None:

@@ -18,6 +18,7 @@ from p2pser.config import RunConfig
 from p2pser.data.features import FeatureSet
 from p2pser.errors import UserError
 from p2pser.gossip import algorithms
+from p2pser.gossip.checkpoint import Checkpointer
 from p2pser.gossip.codec import Decoder
 from p2pser.gossip.peer import Peer, PeerData
 from p2pser.gossip.runner import MetricsWriter, RealtimeRunner
@@ -54,12 +55,14 @@ def build_peer(plan: Plan, topology: Topology, peer_id: int, cfg: RunConfig, fea
 
     ``test`` is the fold's test set (x, y, lengths), passed in so that simulated peers share one copy.
     """
+    own = rows(row_of, plan.peers[peer_id])
+    if len(own) == 0:
+        raise UserError(f"peer {peer_id} has no usable training audio: all {len(plan.peers[peer_id])} of its "
+                        "files were skipped (reasons above); fix or remove them, or use fewer peers")
     data = PeerData.from_arrays(
-        features.x, features.labels, features.lengths, rows(row_of, plan.peers[peer_id]), test, plan.classes,
+        features.x, features.labels, features.lengths, own, test, plan.classes,
         val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id,
     )
-    if len(data.y_train) == 0:
-        raise UserError(f"peer {peer_id} has no usable training audio (all its files were skipped)")
     w = metropolis_hastings_weights(topology)
     neighbours = topology.neighbours(peer_id)
     return Peer(peer_id, neighbours, data, cfg, mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]})
@@ -78,7 +81,7 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
     write_json_atomic(folder / "status.json", status)
     # The launcher stops peers with SIGTERM: turn it into KeyboardInterrupt so the model is still saved.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    peer = None
+    checkpointer = None
     try:
         hub = hub_of(topology) if cfg.algorithm == "fedavg" else 0
         # Keys are checked before feature extraction: a missing key file should not cost minutes first.
@@ -88,6 +91,11 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         features, row_of = extract_for(plan, needed, cfg, workers=1)
         peer = build_peer(plan, topology, peer_id, cfg, features, row_of, test_set(features, row_of, plan))
         del features
+        saver = Checkpointer(peer, folder, cfg.checkpoint_every)
+        resumed = cfg.resume == "auto" and saver.resume()
+        if not resumed:
+            saver.save()  # from the first moment on, a restart has something to load
+        checkpointer = saver  # only now may the exit path overwrite what a previous life left behind
         host = bind_host or topology.peers[peer_id].host
         transport = ZmqTransport(
             peer_id,
@@ -99,9 +107,10 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         try:
             metrics = MetricsWriter(folder / "metrics.jsonl")
             runner = RealtimeRunner(peer_id, peer.neighbours, transport, Decoder(peer.template), metrics,
-                                    synchronous=cfg.algorithm != "gossip")
-            write_json_atomic(folder / "status.json", status | {"state": "running"})
-            runner.run(algorithms.start(peer, hub=hub))
+                                    synchronous=cfg.algorithm != "gossip", answer_pull=peer.answer_pull,
+                                    checkpointer=checkpointer)
+            write_json_atomic(folder / "status.json", status | {"state": "running", "resumed": resumed})
+            runner.run(algorithms.start(peer, checkpointer.next_round, hub=hub, resumed=resumed))
         finally:
             transport.close()
         status["state"] = "done"
@@ -117,7 +126,8 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         log.exception("peer %d crashed", peer_id)
         return 1
     finally:
-        if peer is not None:
-            peer.save_model(folder / "model.npz")
-            write_json_atomic(folder / "normalizer.json", peer.data.normalizer.to_dict())
+        if checkpointer is not None:
+            checkpointer.save()
+            checkpointer.peer.save_model(folder / "model.npz")
+            write_json_atomic(folder / "normalizer.json", checkpointer.peer.data.normalizer.to_dict())
         write_json_atomic(folder / "status.json", status)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from p2pser.config import RunConfig
 from p2pser.gossip import algorithms
 from p2pser.gossip.algorithms import Compute, Drain, Gather, Gathered, Record, Send
+from p2pser.gossip.checkpoint import Checkpointer
 from p2pser.gossip.codec import CodecError, Decoder
 from p2pser.gossip.inbox import Inbox
 from p2pser.gossip.peer import Peer
@@ -44,6 +45,7 @@ class _SimPeer:
     decoder: Decoder
     metrics: MetricsWriter
     algorithm: Any
+    checkpointer: Checkpointer
     epoch: int = 0  # bumped on crash: events scheduled for an earlier life are ignored
     alive: bool = True
     waiting: Gather | None = None
@@ -52,6 +54,8 @@ class _SimPeer:
     bytes_received: int = 0
     dropped: int = 0
     heard: set[int] = field(default_factory=set)
+    waiting_since: float = 0.0  # virtual time the current gather began
+    filed: dict[tuple[str, int, int], float] = field(default_factory=dict)  # (kind, round, sender) -> when
     done: bool = False
     rejoin_scheduled: bool = False
 
@@ -79,9 +83,14 @@ class Simulator:
         for p in peers:
             folder = peer_dir(out_dir, p.id)
             folder.mkdir(parents=True, exist_ok=True)
+            # Checkpoints are real files, as in deployment, so a simulated restart loses exactly what a real
+            # one would: the rounds since the last checkpoint. No fsync: a simulated crash is not an OS crash.
+            checkpointer = Checkpointer(p, folder, cfg.checkpoint_every, durable=False)
+            checkpointer.save()
             self.sim.append(_SimPeer(
                 peer=p, inbox=Inbox(p.neighbours), decoder=Decoder(p.template),
                 metrics=MetricsWriter(folder / "metrics.jsonl"), algorithm=algorithms.start(p, hub=hub),
+                checkpointer=checkpointer,
             ))
 
     # -- event queue -----------------------------------------------------------------------------------
@@ -127,7 +136,7 @@ class Simulator:
                 self._send(i, effect)
                 value = None
             elif isinstance(effect, Gather):
-                s.waiting = effect
+                s.waiting, s.waiting_since = effect, self.now
                 if not s.inbox.has_all(effect.kind, effect.round, effect.expect):
                     self._schedule(self.now + effect.timeout, i, "timeout", effect)
                     return
@@ -171,9 +180,14 @@ class Simulator:
             log.warning("peer %d: rejected a message: %s", i, exc)
             return
         s.heard.add(message.sender)
+        if message.kind == "pull" and message.sender in s.inbox.neighbours:
+            self._send(i, Send((message.sender,), s.peer.answer_pull()))
+            return
         reason = s.inbox.add(message, synchronous=self.cfg.algorithm != "gossip")
         if reason is not None:
             log.debug("peer %d: refused a message: %s", i, reason)
+        elif s.waiting is not None:  # filed outside a gather: the next one finds it there, a wait of 0
+            s.filed[(message.kind, message.round, message.sender)] = self.now
         waiting = s.waiting
         if waiting is not None and s.inbox.has_all(waiting.kind, waiting.round, waiting.expect):
             self._resolve_gather(i)
@@ -182,7 +196,10 @@ class Simulator:
         s = self.sim[i]
         s.waiting = None
         heard, s.heard = frozenset(s.heard), set()
-        return Gathered(s.inbox.take(effect.kind, effect.round), heard)
+        messages = s.inbox.take(effect.kind, effect.round)
+        since, filed, s.filed = s.waiting_since, s.filed, {}
+        waits = {j: filed.get((m.kind, m.round, j), since) - since for j, m in messages.items()}
+        return Gathered(messages, heard, waits, s.inbox.newest_seen)
 
     def _resolve_gather(self, i: int) -> None:
         self._advance(i, self._take(i, self.sim[i].waiting))
@@ -193,6 +210,7 @@ class Simulator:
         self._progress.update(1)
         s.metrics.write(row | {"time": round(self.now, 6), "bytes_sent": s.bytes_sent,
                                "bytes_received": s.bytes_received, "dropped": s.dropped})
+        s.checkpointer.after_round(s.round)
         self._maybe_rejoin_others(s.round)
         outage = self.outages.get(i)
         if outage is not None and outage.start == s.round and s.alive:
@@ -216,14 +234,16 @@ class Simulator:
                 s.rejoin_scheduled = True
                 self._schedule(self.now, o.peer, "rejoin", o.end)
 
-    def _rejoin(self, i: int, start_round: int) -> None:
-        """Come back with the state held at the crash (as if restored from a checkpoint), at ``start_round``."""
+    def _rejoin(self, i: int, others_round: int) -> None:
+        """Restart as a real peer does: load the last checkpoint (what was learned since is lost), pull the
+        neighbours' current models and rejoin at their round (``algorithms.catch_up``)."""
         s = self.sim[i]
         s.alive, s.done = True, False
         s.inbox = Inbox(s.peer.neighbours)
-        s.inbox.floor = start_round
-        s.algorithm = algorithms.start(s.peer, start_round, hub=self.hub)
-        log.info("peer %d rejoined at round %d (virtual t=%.3f)", i, start_round, self.now)
+        s.checkpointer.resume()
+        s.algorithm = algorithms.start(s.peer, s.checkpointer.next_round, hub=self.hub, resumed=True)
+        log.info("peer %d restarted from its round-%d checkpoint when the others reached round %d "
+                 "(virtual t=%.3f)", i, s.checkpointer.next_round, others_round, self.now)
         self._advance(i, None)
 
 
@@ -249,7 +269,10 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         folder = peer_dir(out_dir, p.id)
         p.save_model(folder / "model.npz")
         write_json_atomic(folder / "normalizer.json", p.data.normalizer.to_dict())
-        state = "done" if sim.sim[p.id].alive else "crashed"
+        alive = sim.sim[p.id].alive
+        if alive:
+            sim.sim[p.id].checkpointer.save()  # as a real peer does at exit
+        state = "done" if alive else "crashed"
         write_json_atomic(folder / "status.json", {"peer": p.id, "state": state})
     base = {
         "mode": "simulate", "algorithm": cfg.algorithm, "topology": topology_name, "model": cfg.model,

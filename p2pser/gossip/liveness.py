@@ -1,0 +1,151 @@
+"""How long a synchronous round waits for its neighbours: deadlines learned from observed latency.
+
+A peer that waits the full ``round_timeout`` for a neighbour that has died loses that whole time (and so do
+the peers waiting for it). ``Deadlines`` learns, per neighbour, how long its model usually takes to arrive
+once we are ready for it (the *wait*), and ends a gather after a few normal round times instead:
+
+- per neighbour, the TCP retransmission-timer estimator (Jacobson/Karels, RFC 6298): a smoothed wait ``s``
+  and a smoothed deviation ``v``; the neighbour's own deadline is ``s + 4 v``;
+- a floor under every deadline, ``max(FLOOR_S, MARGIN x the longest of our recent round times)``;
+- a neighbour that missed its deadline doubles its own deadline (Karn's backoff) until it is on time again;
+- ``round_timeout`` on top of all: no wait is ever longer than in fixed mode, and it is the deadline whenever
+  something is not yet known: during the first ``window`` rounds (see below), and for a neighbour never timed.
+
+Why wait ``window`` rounds before adapting: lateness travels through a synchronous graph one hop per round.
+A peer that started late, or a straggler, delays its neighbours at once, their neighbours a round later, and
+a peer d hops away only at round d-1; until then that peer's own timings look fast and say nothing of the
+wave coming (no message can warn it: news travels as fast as the wave). Cut short, such a wait would drop a
+live neighbour, and a peer that drops all of them runs on alone. After ``window`` rounds every such wave has
+crossed any graph of diameter below ``window`` - every topology we ship, up to 20 peers, and all but the
+ring at 64 - and rounds run in lock step at the pace of the slowest peer.
+
+What a crash still costs: the dead peer's neighbours wait one deadline for it, which makes their next models
+one deadline late for their own neighbours, whose deadlines are as long: these may drop them for a round
+(and, if all their neighbours were late, go a round or two alone). The lateness ripples once through the
+graph, each peer losing about one deadline. Fixed deadlines ripple the same way, with the whole timeout.
+Telling a late neighbour from a dead one at that moment needs a sign of life that a model exchange cannot
+give (a heartbeat).
+
+Why the floor does the work in dpsgd: rounds run in lock step, so a wait is at most one round time and the
+per-neighbour estimate rarely exceeds the floor. The estimate matters when a neighbour's arrivals are erratic
+or much later than our own pace (a straggler seen by a fast peer).
+
+The clock is whatever the runner answers ``Record`` with: wall seconds in a real peer, virtual seconds in the
+simulator, so both take the same decisions on the same timings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+# The floor is sized for the worst fault-free run we know: 20 `p2pser peer` processes on 2 shared cores.
+# There a wait grows for reasons that have nothing to do with liveness: a neighbour evaluating or writing a
+# checkpoint when we are not, or the scheduler running it last. Evaluation and scheduling delays scale with
+# the round time, hence 4x the longest recent round (the window holds an evaluation and a checkpoint round);
+# fsync and page-cache stalls do not, hence at least 2 s. Both are far beyond the jitter measured in such
+# runs and still a tenth of the default 20 s round timeout.
+FLOOR_S = 2.0
+MARGIN = 4.0
+MIN_WINDOW = 12  # rounds timed before adapting and kept in view: more than the diameter of a 20-peer ring
+ALPHA, BETA, K = 1 / 8, 1 / 4, 4.0  # RFC 6298's gains and deviation multiplier
+MAX_BACKOFF = 64.0
+
+
+class WaitEstimate:
+    """Smoothed wait and deviation of one neighbour (Jacobson/Karels), with Karn's backoff on a miss."""
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+        self.dev = 0.0
+        self.backoff = 1.0
+
+    def observe(self, wait: float) -> None:
+        if self.mean is None:
+            self.mean, self.dev = wait, wait / 2
+        else:
+            self.dev = (1 - BETA) * self.dev + BETA * abs(self.mean - wait)
+            self.mean = (1 - ALPHA) * self.mean + ALPHA * wait
+        self.backoff = 1.0
+
+    def missed(self) -> None:
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+
+    def deadline(self, floor: float) -> float | None:
+        """Seconds to wait for this neighbour, or None before its first on-time arrival."""
+        if self.mean is None:
+            return None
+        return self.backoff * max(floor, self.mean + K * self.dev)
+
+
+class Deadlines:
+    """Per-neighbour deadlines for the gathers of one algorithm run.
+
+    Call ``timeout(expect)`` before a gather, ``observe(waits, missed)`` after it, and ``round_ended(t)``
+    with the clock reading of each ``Record``. Waits seen before the first round ended are start-up (peers
+    begin at different times), not latency, and are not learned from. Deadlines adapt once ``window``
+    rounds have been timed; until then they are ``upper``.
+    """
+
+    def __init__(self, upper: float, *, adaptive: bool = True, window: int = MIN_WINDOW, owner: int = -1) -> None:
+        self.upper = upper
+        self.owner = owner  # the peer whose gathers these are, for the log
+        self.adaptive = adaptive
+        self.neighbours: dict[int, WaitEstimate] = {}
+        self.rounds: deque[float] = deque(maxlen=max(window, 1))
+        self._last_end: float | None = None
+        self._missed = False  # a deadline passed in this round: its length is no normal round time
+
+    @classmethod
+    def from_config(cls, cfg, owner: int = -1) -> Deadlines:
+        """``cfg.liveness`` chooses adaptive or fixed; the window spans two evaluation and checkpoint
+        periods too, so the longest regular round is always in view."""
+        window = max(MIN_WINDOW, 2 * cfg.eval_every, 2 * cfg.checkpoint_every)
+        return cls(cfg.round_timeout, adaptive=cfg.liveness == "adaptive", window=window, owner=owner)
+
+    def floor(self) -> float | None:
+        """The least any deadline may be, or None while fewer than ``window`` rounds have been timed."""
+        if len(self.rounds) < (self.rounds.maxlen or 0):
+            return None
+        return max(FLOOR_S, MARGIN * max(self.rounds))
+
+    def timeout(self, expect: Iterable[int]) -> float:
+        """Seconds the gather for ``expect`` may wait: the longest of their deadlines, at most ``upper``."""
+        floor = self.floor()
+        if not self.adaptive or floor is None:
+            return self.upper
+        longest = floor
+        for j in expect:
+            own = self.neighbours.get(j, WaitEstimate()).deadline(floor)
+            if own is None:
+                return self.upper
+            longest = max(longest, own)
+        return min(longest, self.upper)
+
+    def observe(self, waits: Mapping[int, float], missed: Iterable[int] = ()) -> None:
+        """Learn from one gather: the wait of each neighbour whose model arrived, and who missed it."""
+        if self._last_end is None:
+            return
+        for j, wait in waits.items():
+            self.neighbours.setdefault(j, WaitEstimate()).observe(wait)
+        for j in missed:
+            self._missed = True
+            estimate = self.neighbours.setdefault(j, WaitEstimate())
+            estimate.missed()
+            log.info("peer %d: neighbour %d missed its deadline; its next one is %gx as long", self.owner, j,
+                     estimate.backoff)
+
+    @staticmethod
+    def row(timeout: float, waits: Mapping[int, float]) -> dict[str, float]:
+        """Metrics of one gather: its deadline and the longest wait for a model that arrived (seconds)."""
+        return {"deadline_s": round(timeout, 3), "wait_s": round(max(waits.values(), default=0.0), 3)}
+
+    def round_ended(self, elapsed: float) -> None:
+        """The clock at the end of a round (``Record``'s answer): times the round that just ended, unless
+        it waited out a deadline (that would stretch every later deadline by the time spent on the dead)."""
+        if self._last_end is not None and not self._missed:
+            self.rounds.append(max(elapsed - self._last_end, 0.0))
+        self._last_end, self._missed = elapsed, False

@@ -241,7 +241,7 @@ class SimConfig:
     step_time: str = field(default="const:0.05", **_opt("virtual seconds per local step, drawn per peer"))
     stragglers: float = field(default=0.0, **_opt("share of peers that compute slowly"))
     straggler_factor: float = field(default=5.0, **_opt("how many times slower a straggler computes"))
-    churn: str | None = field(default=None, **_opt("crash/rejoin schedule, e.g. 3@10-20,5@15- (rounds)"))
+    churn: str | None = field(default=None, **_opt("crash/restart schedule, e.g. 3@10-20,5@15- (rounds), or random:0.25"))
     network_partition: str | None = field(
         default=None, **_opt("rounds START-END during which the lower and upper halves of the ids are cut apart")
     )

@@ -56,8 +56,8 @@ class Gathered:
     # Seconds from the gather's start until each message was filed (0: it was already there), on the
     # runner's clock: what p2pser.gossip.liveness learns deadlines from.
     waits: dict[int, float] = field(default_factory=dict)
-    # The newest round any neighbour has sent a model for, even one refused as too far ahead: far above our
-    # own round, it tells a peer that it fell behind (restarted, cut off) and should catch up.
+    # The round the neighbours have reached (``Inbox.newest_seen``): far above our own round, it tells a
+    # peer that it fell behind (a restart whose pull went unanswered, a partition, a stall).
     newest: int = -1
 
 
@@ -219,20 +219,24 @@ def gossip(peer: Peer, start_round: int = 0) -> Algorithm:
 
 
 PULL_TRIES = 4
+# How far ahead a neighbour's models must be before we count ourselves fallen behind. A neighbour that
+# stopped waiting for us runs a round or two ahead as a matter of course; catching up on every such lead
+# would make peers leapfrog each other to the end of the schedule, skipping training. Several rounds of
+# lead means a restart whose pull went unanswered, a long partition or stall; and at 8 (the inbox's
+# horizon) we could not use their models at all.
+BEHIND_ROUNDS = 4
 
 
 def _next_round(peer: Peer, r: int, got: Gathered) -> Generator[Any, Any, int]:
-    """The round after ``r``. If a neighbour already sent a model for a later round than that one, it went
-    on without us: we fell behind (a restart whose pull went unanswered, a partition, a long stall), so we
-    catch up first instead of running rounds nobody waits for."""
-    if got.newest > r + 1:
+    """The round after ``r``, or, when the neighbours went on far ahead without us, theirs (catching up)."""
+    if got.newest >= r + 1 + BEHIND_ROUNDS:
         return (yield from catch_up(peer, r + 1))
     return r + 1
 
 
 def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
     """Pull the neighbours' current parameters, adopt their average in place of our stale model, and move on
-    to the round they are at (after a restart, or on falling behind). Returns the round to continue from.
+    to the round after theirs (after a restart, or on falling behind). Returns the round to continue from.
 
     Our own model (checkpointed, possibly many rounds old) gets no weight: the neighbours kept learning
     meanwhile. The pull is repeated up to ``PULL_TRIES`` times within ``round_timeout``: a neighbour's queue
@@ -246,7 +250,12 @@ def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
         waiting = frozenset(peer.neighbours) - answers.keys()
         yield Send(tuple(sorted(waiting)), peer.pull_request())
         got: Gathered = yield Gather("state", start_round, waiting, cfg.round_timeout / PULL_TRIES)
-        answers |= got.messages
+        for sender, message in got.messages.items():
+            if message.round < cfg.rounds:  # a round past the schedule's end is a lie or another run
+                answers[sender] = message
+            else:
+                log.warning("peer %d: ignored %d's answer to our pull: round %d is past the schedule's end",
+                            peer.id, sender, message.round)
         if answers:
             break
     if not answers:
@@ -256,7 +265,9 @@ def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
     answers = dict(sorted(answers.items()))
     weights = {peer.id: 0.0} | {s: peer.mix_weights.get(s, 1.0) for s in answers}
     peer.mix(peer.snapshot(), answers, weights)
-    round_ = max([start_round, *(m.round for m in answers.values())])
+    # An answer's round is the neighbour's round in progress, whose model it has most likely sent already
+    # (it answers while waiting for that round's models): we join at the round after, which it will expect.
+    round_ = max([start_round, *(m.round + 1 for m in answers.values())])
     peer.fast_forward(round_, max(m.age for m in answers.values()))
     log.info("peer %d: caught up from %d neighbour(s) at round %d (was at round %d)",
              peer.id, len(answers), round_, start_round)

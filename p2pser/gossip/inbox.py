@@ -28,14 +28,17 @@ class Inbox:
         self._last_round: dict[int, int] = {}  # survives drain(), so a replayed old model is refused
         self._newest: dict[tuple[str, int], int] = {}  # (kind, sender) -> newest synchronous round seen
         self._states: dict[int, Message] = {}  # answers to our pull, by sender: any round, newest wins
-        self.newest_seen = -1  # newest synchronous round a neighbour sent, accepted or not
+        self._pulled: frozenset[int] = frozenset()  # neighbours whose answer to our pull we are waiting for
 
     def add(self, message: Message, *, synchronous: bool = True) -> str | None:
         """File a decoded message; return why it was refused, or None when it was accepted."""
         if message.sender not in self.neighbours:
             return f"sender {message.sender} is not a neighbour"
         if message.kind == "state":
-            # A neighbour's current parameters (answering our pull): whatever round it is at is the point.
+            # A neighbour's current parameters answering our pull: whatever round it is at is the point. An
+            # unsolicited one is refused: it would replace our model wholesale.
+            if message.sender not in self._pulled:
+                return f"state from {message.sender} that we did not pull"
             self._states[message.sender] = message
             return None
         if message.kind != "model":
@@ -47,7 +50,6 @@ class Inbox:
             self._last_round[message.sender] = message.round
             self._latest[message.sender] = message
             return None
-        self.newest_seen = max(self.newest_seen, message.round)
         if message.round < self.floor:
             return f"stale round {message.round} from {message.sender} (now at round {self.floor})"
         if message.round > self.floor + self.max_rounds_ahead:
@@ -59,6 +61,18 @@ class Inbox:
         key = (message.kind, message.sender)
         self._newest[key] = max(self._newest.get(key, -1), message.round)
         return None
+
+    def await_states(self, senders: Iterable[int]) -> None:
+        """We just pulled ``senders``: accept their "state" answers until the next ``take("state")``."""
+        self._pulled = frozenset(senders) & self.neighbours
+
+    @property
+    def newest_seen(self) -> int:
+        """The round the neighbours have reached by the models we accepted: the lower median over them of
+        each one's newest round (-1 for one not heard). A median, so that one lying or runaway neighbour
+        cannot make us believe we fell behind; accepted models only, so nothing we refused counts."""
+        newest = sorted(self._newest.get(("model", s), -1) for s in self.neighbours)
+        return newest[(len(newest) - 1) // 2] if newest else -1
 
     def has_all(self, kind: str, round_: int, senders: Iterable[int]) -> bool:
         """True when each sender delivered this round, or a later one: a neighbour that restarted ahead of
@@ -76,7 +90,7 @@ class Inbox:
         its neighbours and their models for that round must not be refused as too far ahead.
         """
         if kind == "state":
-            got, self._states = self._states, {}
+            got, self._states, self._pulled = self._states, {}, frozenset()
             self.floor = max([self.floor, *(m.round for m in got.values())])
             return dict(sorted(got.items()))
         got = self._by_round.pop((kind, round_), {})

@@ -138,7 +138,7 @@ class Peer:
     def fast_forward(self, round_: int, age: float = 0.0) -> None:
         """Jump to ``round_`` (after catching up with neighbours): the learning-rate schedule and the model
         age follow, so we continue where they are, not where our checkpoint was."""
-        self.round = round_
+        self.round = min(round_, self.config.rounds)
         self.age = max(self.age, age)
         self.trainer.step = max(self.trainer.step, round_ * self.config.local_steps)
 

@@ -96,6 +96,8 @@ class RealtimeRunner:
         raise TypeError(f"unknown effect {effect!r}")
 
     def _gather(self, effect: Gather) -> Gathered:
+        if effect.kind == "state":
+            self.inbox.await_states(effect.expect)
         start = time.monotonic()
         self._filed.clear()  # a message filed before this gather began waited 0 s for it
         deadline = start + effect.timeout

@@ -31,6 +31,7 @@ import zmq.utils.monitor
 import zmq.utils.z85
 
 from p2pser.errors import UserError
+from p2pser.gossip.codec import DEFAULT_MAX_BYTES, MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
 # Handshake failures other than ZAP refusals (those the authenticator logs itself, with the client's address).
@@ -160,6 +161,8 @@ class ZmqTransport:
         try:
             self._router.setsockopt(zmq.LINGER, linger_ms)
             self._router.setsockopt(zmq.RCVHWM, queue_limit)
+            # A frame larger than any message the codec accepts is cut off by libzmq before it is buffered.
+            self._router.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_BYTES + MAX_HEADER_BYTES)
             # A restarted neighbour reconnects with the same identity before its old connection is reaped;
             # hand the identity over instead of refusing the new connection.
             self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)

@@ -54,19 +54,47 @@ class Outage:
     end: int | None  # None: never comes back
 
 
-def parse_churn(text: str | None, n_peers: int) -> list[Outage]:
-    """``"3@10-20,5@15-"``: peer 3 down after its round 10 and back at round 20; peer 5 gone from 15."""
+def parse_churn(text: str | None, n_peers: int, *, rounds: int = 0, seed: int = 0) -> list[Outage]:
+    """``"3@10-20,5@15-"``: peer 3 down after its round 10 and back at round 20; peer 5 gone from 15.
+
+    ``"random:0.25"``: a seeded random quarter of the peers each crash once, after a round drawn from the
+    first half of the ``rounds``, and come back 10-25% of the rounds later (the churn benchmark's schedule).
+    """
     outages = []
     for item in filter(None, (text or "").split(",")):
+        if item.startswith("random:"):
+            outages.extend(_random_churn(item, n_peers, rounds, seed))
+            continue
         try:
             peer_text, window = item.split("@")
             start_text, _, end_text = window.partition("-")
             outage = Outage(int(peer_text), int(start_text), int(end_text) if end_text else None)
         except ValueError:
-            raise UserError(f"churn entry {item!r} must look like PEER@START-END or PEER@START-") from None
+            raise UserError(f"churn entry {item!r} must look like PEER@START-END, PEER@START- or random:FRACTION") from None
         if not 0 <= outage.peer < n_peers or (outage.end is not None and outage.end <= outage.start):
             raise UserError(f"churn entry {item!r}: peer must be 0..{n_peers - 1} and END after START")
         outages.append(outage)
+    if len({o.peer for o in outages}) != len(outages):
+        raise UserError(f"churn {text!r} names a peer twice: each peer crashes at most once")
+    return outages
+
+
+def _random_churn(item: str, n_peers: int, rounds: int, seed: int) -> list[Outage]:
+    try:
+        fraction = float(item.removeprefix("random:"))
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:
+        raise UserError(f"churn entry {item!r}: FRACTION must be a number in [0, 1]")
+    if rounds < 8:
+        raise UserError(f"churn entry {item!r} needs at least 8 rounds, the run has {rounds}")
+    rng = np.random.default_rng([seed, 29])
+    peers = sorted(int(p) for p in rng.choice(n_peers, size=round(fraction * n_peers), replace=False))
+    outages = []
+    for peer in peers:
+        start = int(rng.integers(1, rounds // 2 + 1))
+        down = int(rng.integers(max(1, rounds // 10), max(2, rounds // 4) + 1))
+        outages.append(Outage(peer, start, start + down))
     return outages
 
 

@@ -136,6 +136,8 @@ class Simulator:
                 self._send(i, effect)
                 value = None
             elif isinstance(effect, Gather):
+                if effect.kind == "state":
+                    s.inbox.await_states(effect.expect)
                 s.waiting, s.waiting_since = effect, self.now
                 if not s.inbox.has_all(effect.kind, effect.round, effect.expect):
                     self._schedule(self.now + effect.timeout, i, "timeout", effect)

@@ -47,14 +47,14 @@ def resolve_topology(spec: str, n_peers: int | None, sim: SimConfig, seed: int) 
     return make_topology(spec, n_peers, degree=sim.degree, seed=seed), spec
 
 
-def fault_plan(sim: SimConfig, n_peers: int) -> FaultPlan:
+def fault_plan(sim: SimConfig, n_peers: int, *, rounds: int = 0, seed: int = 0) -> FaultPlan:
     return FaultPlan(
         drop=sim.drop,
         delay=Distribution.parse(sim.delay, "--delay"),
         step_time=Distribution.parse(sim.step_time, "--step-time"),
         stragglers=sim.stragglers,
         straggler_factor=sim.straggler_factor,
-        churn=tuple(parse_churn(sim.churn, n_peers)),
+        churn=tuple(parse_churn(sim.churn, n_peers, rounds=rounds, seed=seed)),
         partition=parse_window(sim.network_partition),
     )
 
@@ -78,7 +78,7 @@ def run_cases(data_dir: str | Path, cases: list[Case], out_dir: str | Path) -> l
         cfg = case.run
         plan = make_plan(data_dir, cfg, _peers_needed(case))
         topology, name = resolve_topology(case.sim.topology, plan.n_peers, case.sim, cfg.seed)
-        faults = fault_plan(case.sim, topology.n)
+        faults = fault_plan(case.sim, topology.n, rounds=case.run.rounds, seed=case.run.seed)
         key = (cfg.fold, cfg.folds, cfg.test_speakers, cfg.features, cfg.cache_dir)
         if key not in shared:
             needed = np.unique(np.concatenate([*plan.peers, plan.test]))

@@ -14,7 +14,7 @@ from test_launch import _rounds_done, _start_peer, topology_file
 
 from p2pser.cli import main
 from p2pser.config import RunConfig
-from p2pser.gossip.liveness import FLOOR_S, MARGIN, MIN_WINDOW, Deadlines, WaitEstimate
+from p2pser.gossip.liveness import BUSY_MARGIN, FLOOR_S, MIN_WINDOW, WAIT_MARGIN, Deadlines, WaitEstimate
 from p2pser.run.report import read_metrics
 
 UPPER = 20.0
@@ -75,27 +75,41 @@ def test_round_timeout_until_a_whole_window_of_rounds_is_timed():
 def test_deadline_is_a_few_round_times_or_an_erratic_neighbours_own():
     slow = _timed([1.5] * 5)
     slow.observe({1: 0.2})
-    assert slow.timeout({1}) == MARGIN * 1.5
+    assert slow.timeout({1}) == BUSY_MARGIN * 1.5  # rounds of 1.5 s of our own work
     for wait in (0.1, 4.0, 0.1, 4.0):
         slow.observe({1: wait})
     e = slow.neighbours[1]
-    assert e.mean + 4 * e.dev > MARGIN * 1.5
+    assert e.mean + 4 * e.dev > BUSY_MARGIN * 1.5
     assert slow.timeout({1}) == pytest.approx(e.mean + 4 * e.dev)
-    assert _timed([8.0] * 3).timeout(set()) == UPPER  # 4 x 8 s is capped by round_timeout
+    assert _timed([8.0] * 3).timeout(set()) == UPPER  # 3 x 8 s is capped by round_timeout
 
 
-def test_the_longest_recent_round_sets_the_floor_and_a_missed_round_does_not_count():
+def test_the_last_rounds_work_and_the_longest_recent_wait_set_the_floor():
     d = Deadlines(UPPER, window=4)
     d.round_ended(0.0)
-    t = _end_rounds(d, [0.2, 3.0, 0.2, 0.2, 0.2])
-    d.observe({1: 0.0})
-    assert d.timeout({1}) == MARGIN * 3.0  # an evaluation or checkpoint round is still in view
-    t = _end_rounds(d, [0.2], t)
-    assert d.timeout({1}) == pytest.approx(FLOOR_S)  # 3.0 s left the window; 4 x 0.2 s < floor
-    # A round that waited out a deadline says nothing about normal round times.
+    t = 0.0
+
+    def round_(length: float, wait: float) -> None:
+        nonlocal t
+        d.observe({1: wait})
+        t += length
+        d.round_ended(t)
+
+    for length, wait in [(0.5, 0.1), (2.0, 1.8), (0.5, 0.1), (0.5, 0.1)]:
+        round_(length, wait)
+    assert d.timeout({1}) == pytest.approx(WAIT_MARGIN * 1.8)  # the spike after an evaluation will recur
+    round_(0.5, 0.1)
+    assert d.timeout({1}) == pytest.approx(WAIT_MARGIN * 1.8)
+    round_(0.5, 0.1)
+    assert d.timeout({1}) == FLOOR_S  # the spike left the window
+    round_(5.1, 0.1)  # an evaluation round: 5 s of our own work, the neighbours' may differ by more
+    assert d.timeout({1}) == pytest.approx(BUSY_MARGIN * 5.0)
+    round_(0.5, 0.1)
+    assert d.timeout({1}) == FLOOR_S
+    # A round that waited out a deadline says nothing about normal rounds.
     d.observe({}, missed={1})
     d.round_ended(t + 19.0)
-    assert max(d.rounds) == pytest.approx(0.2)
+    assert max(work for work, _ in d.rounds) == pytest.approx(5.0)  # not 19 s
     assert d.timeout({1}) == pytest.approx(2 * FLOOR_S)  # neighbour 1 missed: its deadline doubled
     assert d.timeout({2}) == UPPER
 

@@ -6,7 +6,10 @@ once we are ready for it (the *wait*), and ends a gather after a few normal roun
 
 - per neighbour, the TCP retransmission-timer estimator (Jacobson/Karels, RFC 6298): a smoothed wait ``s``
   and a smoothed deviation ``v``; the neighbour's own deadline is ``s + 4 v``;
-- a floor under every deadline, ``max(FLOOR_S, MARGIN x the longest of our recent round times)``;
+- a floor under every deadline: ``FLOOR_S``, ``BUSY_MARGIN`` x our own work in the last round (training,
+  evaluation: the longer it took, the further apart the neighbours may have drifted), and ``WAIT_MARGIN`` x
+  the longest wait in the last ``window`` rounds (the spikes after evaluation and checkpoint rounds, and
+  their echoes from peers further away, recur every cycle; a per-neighbour average forgets them in between);
 - a neighbour that missed its deadline doubles its own deadline (Karn's backoff) until it is on time again;
 - ``round_timeout`` on top of all: no wait is ever longer than in fixed mode, and it is the deadline whenever
   something is not yet known: during the first ``window`` rounds (see below), and for a neighbour never timed.
@@ -26,9 +29,9 @@ graph, each peer losing about one deadline. Fixed deadlines ripple the same way,
 Telling a late neighbour from a dead one at that moment needs a sign of life that a model exchange cannot
 give (a heartbeat).
 
-Why the floor does the work in dpsgd: rounds run in lock step, so a wait is at most one round time and the
-per-neighbour estimate rarely exceeds the floor. The estimate matters when a neighbour's arrivals are erratic
-or much later than our own pace (a straggler seen by a fast peer).
+Why the floor does most of the work in dpsgd: rounds run in lock step, so waits are differences between
+peers doing the same work, mostly tiny, with spikes at known places. The per-neighbour estimate matters
+when a neighbour is steadily later than we are (a straggler seen by a fast peer).
 
 The clock is whatever the runner answers ``Record`` with: wall seconds in a real peer, virtual seconds in the
 simulator, so both take the same decisions on the same timings.
@@ -42,14 +45,15 @@ from collections.abc import Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
-# The floor is sized for the worst fault-free run we know: 20 `p2pser peer` processes on 2 shared cores.
-# There a wait grows for reasons that have nothing to do with liveness: a neighbour evaluating or writing a
-# checkpoint when we are not, or the scheduler running it last. Evaluation and scheduling delays scale with
-# the round time, hence 4x the longest recent round (the window holds an evaluation and a checkpoint round);
-# fsync and page-cache stalls do not, hence at least 2 s. Both are far beyond the jitter measured in such
-# runs and still a tenth of the default 20 s round timeout.
-FLOOR_S = 2.0
-MARGIN = 4.0
+# Sized on the worst fault-free run we know: `p2pser launch` of 20 processes on 2 cores shared with other
+# work (load average 22; RAVDESS fold 1, exponential-20, svm, 4 local steps, evaluation every 5 rounds).
+# There rounds took 0.3-1.5 s and evaluation rounds 5-12 s. After the warm-up, waits were at most 0.83 s
+# except in the round after an evaluation (up to 3.6 s: some peers evaluated slower), i.e. at most 0.57x
+# the evaluation round's own work (hence 3x). Scheduling stalls and fsync do not scale with anything: 3 s at
+# least, 3.6x the worst such wait (0.83 s). Replayed on that run, no deadline came within 3.6x of its wait.
+FLOOR_S = 3.0
+BUSY_MARGIN = 3.0
+WAIT_MARGIN = 2.0
 MIN_WINDOW = 12  # rounds timed before adapting and kept in view: more than the diameter of a 20-peer ring
 ALPHA, BETA, K = 1 / 8, 1 / 4, 4.0  # RFC 6298's gains and deviation multiplier
 MAX_BACKOFF = 64.0
@@ -95,8 +99,9 @@ class Deadlines:
         self.owner = owner  # the peer whose gathers these are, for the log
         self.adaptive = adaptive
         self.neighbours: dict[int, WaitEstimate] = {}
-        self.rounds: deque[float] = deque(maxlen=max(window, 1))
+        self.rounds: deque[tuple[float, float]] = deque(maxlen=max(window, 1))  # (our work, longest wait)
         self._last_end: float | None = None
+        self._wait = 0.0  # longest wait of this round's gather
         self._missed = False  # a deadline passed in this round: its length is no normal round time
 
     @classmethod
@@ -110,7 +115,8 @@ class Deadlines:
         """The least any deadline may be, or None while fewer than ``window`` rounds have been timed."""
         if len(self.rounds) < (self.rounds.maxlen or 0):
             return None
-        return max(FLOOR_S, MARGIN * max(self.rounds))
+        busy = self.rounds[-1][0]
+        return max(FLOOR_S, BUSY_MARGIN * busy, WAIT_MARGIN * max(wait for _, wait in self.rounds))
 
     def timeout(self, expect: Iterable[int]) -> float:
         """Seconds the gather for ``expect`` may wait: the longest of their deadlines, at most ``upper``."""
@@ -129,6 +135,7 @@ class Deadlines:
         """Learn from one gather: the wait of each neighbour whose model arrived, and who missed it."""
         if self._last_end is None:
             return
+        self._wait = max(waits.values(), default=0.0)
         for j, wait in waits.items():
             self.neighbours.setdefault(j, WaitEstimate()).observe(wait)
         for j in missed:
@@ -144,8 +151,9 @@ class Deadlines:
         return {"deadline_s": round(timeout, 3), "wait_s": round(max(waits.values(), default=0.0), 3)}
 
     def round_ended(self, elapsed: float) -> None:
-        """The clock at the end of a round (``Record``'s answer): times the round that just ended, unless
-        it waited out a deadline (that would stretch every later deadline by the time spent on the dead)."""
+        """The clock at the end of a round (``Record``'s answer): times our work in the round that just
+        ended (its length less the gather's wait), unless it waited out a deadline (that would stretch every
+        later deadline by the time spent on the dead)."""
         if self._last_end is not None and not self._missed:
-            self.rounds.append(max(elapsed - self._last_end, 0.0))
-        self._last_end, self._missed = elapsed, False
+            self.rounds.append((max(elapsed - self._last_end - self._wait, 0.0), self._wait))
+        self._last_end, self._missed, self._wait = elapsed, False, 0.0

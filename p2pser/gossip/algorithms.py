@@ -267,7 +267,10 @@ def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
     peer.mix(peer.snapshot(), answers, weights)
     # An answer's round is the neighbour's round in progress, whose model it has most likely sent already
     # (it answers while waiting for that round's models): we join at the round after, which it will expect.
-    round_ = max([start_round, *(m.round + 1 for m in answers.values())])
+    # Of several answers we follow the lower median, not the most advanced: a neighbour that ran ahead alone
+    # (all its own neighbours silent) would otherwise drag us, and then ours, to the end of the schedule.
+    rounds = sorted(m.round + 1 for m in answers.values())
+    round_ = max(start_round, rounds[(len(rounds) - 1) // 2])
     peer.fast_forward(round_, max(m.age for m in answers.values()))
     log.info("peer %d: caught up from %d neighbour(s) at round %d (was at round %d)",
              peer.id, len(answers), round_, start_round)

@@ -26,7 +26,10 @@ class Inbox:
         self._by_round: dict[tuple[str, int], dict[int, Message]] = defaultdict(dict)
         self._latest: dict[int, Message] = {}
         self._last_round: dict[int, int] = {}  # survives drain(), so a replayed old model is refused
-        self._newest: dict[tuple[str, int], int] = {}  # (kind, sender) -> newest synchronous round seen
+        self._newest: dict[tuple[str, int], int] = {}  # (kind, sender) -> newest synchronous round accepted
+        # (kind, sender) -> newest round claimed, even by a message refused as too far ahead: only ever used
+        # to stop waiting for that sender (a liar gains nothing by it), never to move us.
+        self._claimed: dict[tuple[str, int], int] = {}
         self._states: dict[int, Message] = {}  # answers to our pull, by sender: any round, newest wins
         self._pulled: frozenset[int] = frozenset()  # neighbours whose answer to our pull we are waiting for
 
@@ -50,6 +53,8 @@ class Inbox:
             self._last_round[message.sender] = message.round
             self._latest[message.sender] = message
             return None
+        key = (message.kind, message.sender)
+        self._claimed[key] = max(self._claimed.get(key, -1), message.round)
         if message.round < self.floor:
             return f"stale round {message.round} from {message.sender} (now at round {self.floor})"
         if message.round > self.floor + self.max_rounds_ahead:
@@ -81,7 +86,7 @@ class Inbox:
         if kind == "state":
             return all(s in self._states for s in senders)
         slot = self._by_round.get((kind, round_), {})
-        return all(s in slot or self._newest.get((kind, s), -1) > round_ for s in senders)
+        return all(s in slot or self._claimed.get((kind, s), -1) > round_ for s in senders)
 
     def take(self, kind: str, round_: int) -> dict[int, Message]:
         """Everything for (kind, round) from any neighbour; that round and earlier ones become stale.

@@ -72,7 +72,7 @@ REASONS = {
     "impostor": r"header says sender \d+ but the connection is peer (None|\d+)$",
     "stranger": r"sender \d+ is not a neighbour$",
     "stale": r"stale round \d+ from 1 \(now at round \d+\)$",
-    "ahead": r"round \d+ from 1 is too far ahead of round \d+$",
+    "ahead": r"round \d+ from 1 is (too far ahead of round \d+|past the schedule's end \(round \d+\))$",
     "unexpected": r"unexpected '(hello|ping)' message$",
     "duplicate": r"duplicate model for round \d+ from 1$",
 }

@@ -19,9 +19,11 @@ class Inbox:
     buffer holds at most one model per neighbour.
     """
 
-    def __init__(self, neighbours: Iterable[int], *, max_rounds_ahead: int = 8) -> None:
+    def __init__(self, neighbours: Iterable[int], *, max_rounds_ahead: int = 8, rounds: int | None = None) -> None:
+        """``rounds``: the schedule's length; a model for a round past it is refused (a lie or another run)."""
         self.neighbours = frozenset(neighbours)
         self.max_rounds_ahead = max_rounds_ahead
+        self.rounds = rounds
         self.floor = 0  # lowest round still awaited
         self._by_round: dict[tuple[str, int], dict[int, Message]] = defaultdict(dict)
         self._latest: dict[int, Message] = {}
@@ -46,6 +48,8 @@ class Inbox:
             return None
         if message.kind != "model":
             return f"unexpected {message.kind!r} message"
+        if self.rounds is not None and message.round >= self.rounds:
+            return f"round {message.round} from {message.sender} is past the schedule's end (round {self.rounds - 1})"
         if not synchronous:
             last = self._last_round.get(message.sender, -1)
             if message.round <= last:

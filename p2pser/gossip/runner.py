@@ -41,9 +41,9 @@ class MetricsWriter:
 class RealtimeRunner:
     def __init__(self, peer_id: int, neighbours, transport, decoder: Decoder, metrics: MetricsWriter,
                  *, synchronous: bool, answer_pull: Callable[[], list] | None = None,
-                 checkpointer: Checkpointer | None = None) -> None:
+                 checkpointer: Checkpointer | None = None, rounds: int | None = None) -> None:
         """``answer_pull`` gives the frames to send to a neighbour that pulls our current parameters;
-        ``checkpointer`` is told of every finished round."""
+        ``checkpointer`` is told of every finished round; ``rounds`` is the schedule's length."""
         self.peer_id = peer_id
         self.answer_pull = answer_pull
         self.checkpointer = checkpointer
@@ -51,7 +51,7 @@ class RealtimeRunner:
         self.decoder = decoder
         self.metrics = metrics
         self.synchronous = synchronous
-        self.inbox = Inbox(neighbours)
+        self.inbox = Inbox(neighbours, rounds=rounds)
         self.rejected = 0
         self._heard: set[int] = set()
         self._filed: dict[tuple[str, int, int], float] = {}  # (kind, round, sender) -> when filed, this gather

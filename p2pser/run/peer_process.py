@@ -108,7 +108,7 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
             metrics = MetricsWriter(folder / "metrics.jsonl")
             runner = RealtimeRunner(peer_id, peer.neighbours, transport, Decoder(peer.template), metrics,
                                     synchronous=cfg.algorithm != "gossip", answer_pull=peer.answer_pull,
-                                    checkpointer=checkpointer)
+                                    checkpointer=checkpointer, rounds=cfg.rounds)
             write_json_atomic(folder / "status.json", status | {"state": "running", "resumed": resumed})
             runner.run(algorithms.start(peer, checkpointer.next_round, hub=hub, resumed=resumed))
         finally:

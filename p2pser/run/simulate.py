@@ -88,7 +88,7 @@ class Simulator:
             checkpointer = Checkpointer(p, folder, cfg.checkpoint_every, durable=False)
             checkpointer.save()
             self.sim.append(_SimPeer(
-                peer=p, inbox=Inbox(p.neighbours), decoder=Decoder(p.template),
+                peer=p, inbox=Inbox(p.neighbours, rounds=cfg.rounds), decoder=Decoder(p.template),
                 metrics=MetricsWriter(folder / "metrics.jsonl"), algorithm=algorithms.start(p, hub=hub),
                 checkpointer=checkpointer,
             ))
@@ -241,7 +241,7 @@ class Simulator:
         neighbours' current models and rejoin at their round (``algorithms.catch_up``)."""
         s = self.sim[i]
         s.alive, s.done = True, False
-        s.inbox = Inbox(s.peer.neighbours)
+        s.inbox = Inbox(s.peer.neighbours, rounds=self.cfg.rounds)
         s.checkpointer.resume()
         s.algorithm = algorithms.start(s.peer, s.checkpointer.next_round, hub=self.hub, resumed=True)
         log.info("peer %d restarted from its round-%d checkpoint when the others reached round %d "

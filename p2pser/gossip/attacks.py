@@ -23,8 +23,13 @@ from p2pser.config import RunConfig
 _STREAM = 0xB1
 
 
+def attacking_peers(config: RunConfig) -> frozenset[int]:
+    """The peers that lie on the wire in this run (none unless an attack is chosen)."""
+    return config.attacker_ids() if config.attack != "none" else frozenset()
+
+
 def is_attacker(config: RunConfig, peer_id: int) -> bool:
-    return config.attack != "none" and peer_id in config.attacker_ids()
+    return peer_id in attacking_peers(config)
 
 
 def corrupt(state: Mapping[str, np.ndarray], config: RunConfig, peer_id: int, round_: int) -> dict[str, np.ndarray]:

@@ -78,13 +78,10 @@ def load_models(run_dir: Path) -> list[tuple[int, dict[str, np.ndarray], dict]]:
 def run_attackers(run_dir: Path) -> frozenset[int]:
     """The attacking peers of a run whose folder holds its ``config.toml`` (launch, multi-host runs)."""
     from p2pser.config import load_config
-    from p2pser.gossip.attacks import is_attacker
+    from p2pser.gossip.attacks import attacking_peers
 
     path = run_dir / "config.toml"
-    if not path.exists():
-        return frozenset()
-    cfg = load_config(path)
-    return frozenset(p for p in cfg.attacker_ids() if is_attacker(cfg, p))
+    return attacking_peers(load_config(path)) if path.exists() else frozenset()
 
 
 def honest_figures(finals: Mapping[int, float | None], attackers: Iterable[int]) -> dict[str, Any]:

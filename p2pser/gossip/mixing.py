@@ -83,10 +83,11 @@ class ClippedGossip:
     ``SelfCenteredClipping`` with ``tau=None``) takes the second-largest distance, so exactly the farthest
     neighbour is clipped and one Byzantine neighbour is tolerated. Here a peer may have several attackers
     among its neighbours (2 of 20 peers on an exponential graph), so we take the median distance (the
-    alternative left in that code): any minority of Byzantine neighbours is then pulled in no farther than
-    a typical honest one, at the price of also shortening the pull of the farther half of the honest
-    neighbours. With one or two neighbours the median is the farthest and nothing is clipped: a peer
-    cannot tell which of two disagreeing models to trust.
+    alternative left in that code): a Byzantine minority among the neighbours then pulls no harder than a
+    typical honest neighbour, at the price of also shortening the pull of the farther half of the honest
+    ones. It still pulls every round in the same direction, so a sustained attack is limited, not removed
+    (measured in BENCHMARKS.md). With one or two neighbours the median is the farthest and nothing is
+    clipped: a peer cannot tell which of two disagreeing models to trust.
     """
 
     name = "clipped"

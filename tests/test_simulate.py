@@ -95,8 +95,10 @@ def test_a_crashed_peer_neighbours_keep_going_and_it_rejoins(setup, tmp_path):
     for p in (2, 4, 6):  # neighbours of the crashed peers on the ring
         assert metrics[p][-1]["round"] == 11
     rounds3 = [r["round"] for r in metrics[3]]
-    back = rounds3[3]  # it rejoins at the round after the one its neighbours were in when it pulled
-    assert rounds3 == [0, 1, 2, *range(back, 12)] and back in (8, 9)  # down after round 2, back from 8 or 9
+    # Restarted from its round-0 checkpoint, it rejoins at the round after the one its neighbours were in
+    # when it pulled (the lower of the two: peer 4 lags, having waited for both its dead neighbours).
+    back = rounds3[3]
+    assert rounds3 == [0, 1, 2, *range(back, 12)] and 6 <= back <= 9
     assert [r["round"] for r in metrics[5]] == [0, 1, 2, 3, 4]
     # Peer 4 lost both neighbours (3 back at round 8, 5 for good): it went on alone, then with peer 3.
     assert [r["heard"] for r in metrics[4] if 5 <= r["round"]] == [0] * (back - 5) + [1] * (12 - back)

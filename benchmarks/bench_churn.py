@@ -40,6 +40,26 @@ def read_rows(run: Path) -> dict[int, list[dict]]:
     return out
 
 
+def test_ua(run: Path) -> dict[int, dict[int, float]]:
+    return {p: {r["round"]: r["test_ua"] for r in rs if "test_ua" in r} for p, rs in read_rows(run).items()}
+
+
+def neighbour_gaps(run: Path, topology_file: Path, rounds: range) -> list[float]:
+    """|test UA of a peer - mean test UA of its neighbours| over all peers and ``rounds``: how far apart
+    neighbours are anyway, the yardstick for 'back within 1 point'."""
+    from p2pser.gossip.topology import load_topology
+
+    topology = load_topology(topology_file)
+    ua = test_ua(run)
+    gaps = []
+    for p in ua:
+        for t in rounds:
+            others = [ua[j][t] for j in topology.neighbours(p) if t in ua[j]]
+            if t in ua[p] and others:
+                gaps.append(abs(ua[p][t] - sum(others) / len(others)))
+    return gaps
+
+
 def recovery(run: Path, topology_file: Path) -> list[dict]:
     """For each restarted peer: when it crashed, when it rejoined, and the rounds after rejoining until its
     test UA was within 1 point of its neighbours' mean test UA at the same round."""
@@ -47,7 +67,7 @@ def recovery(run: Path, topology_file: Path) -> list[dict]:
 
     topology = load_topology(topology_file)
     rows = read_rows(run)
-    ua = {p: {r["round"]: r["test_ua"] for r in rs if "test_ua" in r} for p, rs in rows.items()}
+    ua = test_ua(run)
     out = []
     for p, rs in rows.items():
         rounds = [r["round"] for r in rs]
@@ -99,6 +119,9 @@ def main() -> None:
             if arm == "churn":
                 arms[arm]["restarted"] = recovery(out, topo)
         arms["ua_mean_difference_points"] = round(100 * (arms["churn"]["ua_mean"] - arms["fault_free"]["ua_mean"]), 2)
+        gaps = sorted(neighbour_gaps(work / f"fault_free-seed{seed}", topo, range(20, 60)))
+        arms["fault_free_neighbour_gap_points"] = {"median": round(100 * gaps[len(gaps) // 2], 2),
+                                                   "p90": round(100 * gaps[int(0.9 * len(gaps))], 2)}
         results["seeds"][seed] = arms
         print(json.dumps({seed: arms}, indent=1), flush=True)
     (RESULTS / "churn.json").write_text(json.dumps(results, indent=1))

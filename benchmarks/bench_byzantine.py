@@ -57,7 +57,8 @@ def run_arm(work: Path, cache: Path, label: str, mixing: str, attack: str) -> di
 def table(arms: dict) -> str:
     rows = ["| attack | mixing | honest test UA mean (min), % | all peers' UA mean, % | wall s |",
             "|---|---|---|---|---|"]
-    for label, a in arms.items():
+    order = {name: i for i, name in enumerate(("none", "sign-flip", "scale", "random", "average", "clipped", "trimmed"))}
+    for label, a in sorted(arms.items(), key=lambda kv: [order[part] for part in kv[0].split("/")]):
         attack, mixing = label.split("/")
         rows.append(f"| {attack} | {mixing} | {100 * a['honest_test_ua_mean']:.1f} ({100 * a['honest_test_ua_min']:.1f})"
                     f" | {100 * a['ua_mean']:.1f} | {a['wall_s']} |")

@@ -185,3 +185,10 @@ def test_a_restarted_peer_loads_its_checkpoint_and_catches_up_with_its_neighbour
     # theirs (a stale checkpoint from round 3 would be far off).
     others = sorted(rows[7]["consensus_distance"] for p, rows in metrics.items() if p != 3)
     assert metrics[3][7]["consensus_distance"] < 2 * others[len(others) // 2]
+
+
+def test_summary_of_a_run_with_attackers_reports_the_honest_peers(setup, tmp_path):
+    summary = run(setup, tmp_path, "attacked", attackers="1,5", attack="sign-flip", rounds=4)
+    assert summary["attackers"] == [1, 5] and summary["honest_peers"] == N - 2
+    honest = [p["ua"] for p in summary["per_peer"] if p["peer"] not in (1, 5)]
+    assert summary["honest_test_ua_mean"] == pytest.approx(sum(honest) / len(honest))

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from p2pser.config import RunConfig
 from p2pser.gossip import algorithms
 from p2pser.gossip.algorithms import Compute, Drain, Gather, Gathered, Record, Send
+from p2pser.gossip.attacks import attacking_peers
 from p2pser.gossip.checkpoint import Checkpointer
 from p2pser.gossip.codec import CodecError, Decoder
 from p2pser.gossip.inbox import Inbox
@@ -285,4 +286,5 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         "overhead_fraction": round(max(loop_s - training_s, 0.0) / max(loop_s, 1e-9), 4),
     }
     ua_avg = average_model_ua(out_dir, cfg.model, cfg.seed, test, plan.classes)
-    return summarize(out_dir, base, wall_s=time.monotonic() - start, ua_average_model=ua_avg)
+    return summarize(out_dir, base, wall_s=time.monotonic() - start, ua_average_model=ua_avg,
+                     attackers=attacking_peers(cfg))

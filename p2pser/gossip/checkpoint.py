@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from p2pser.errors import UserError
+from p2pser.files import temporary_of, write_atomically
 from p2pser.gossip.peer import Peer
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,6 @@ def _unflatten(node: Any, arrays: Any) -> Any:
     return node
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | Path, peer: Peer, next_round: int, *, durable: bool = True) -> None:
     """Write ``peer``'s full learning state atomically. ``durable=False`` skips the fsyncs (the simulator:
     a simulated crash is not an operating-system crash)."""
@@ -96,15 +88,7 @@ def save_checkpoint(path: str | Path, peer: Peer, next_round: int, *, durable: b
         "trainer": _flatten(peer.trainer.state_dict(), arrays),
     }
     arrays[_TREE] = np.frombuffer(json.dumps(tree).encode(), dtype=np.uint8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
+    write_atomically(path, lambda fh: np.savez(fh, **arrays), durable=durable)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -165,7 +149,7 @@ class Checkpointer:
 
     def resume(self) -> bool:
         """Restore the saved checkpoint if there is one; True when the peer resumed from it."""
-        stale = self.path.with_name(self.path.name + ".tmp")
+        stale = temporary_of(self.path)
         if stale.exists():
             log.warning("peer %d: removing %s, a checkpoint write cut short by a crash", self.peer.id, stale)
             stale.unlink()

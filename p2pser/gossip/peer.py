@@ -8,7 +8,6 @@ deployment run the very same learning code.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from p2pser.config import RunConfig, train_config
 from p2pser.data.features import Normalizer
+from p2pser.files import write_atomically
 from p2pser.gossip.attacks import corrupt, is_attacker
 from p2pser.gossip.codec import Message, encode, template_of
 from p2pser.gossip.mixing import Contribution, MixingRule, consensus_distance, make_rule
@@ -183,10 +183,5 @@ class Peer:
 
     def save_model(self, path: str | Path) -> None:
         """Write the shared parameters as .npz (no pickle), atomically: a crash leaves the old file."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **self.snapshot())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        state = self.snapshot()
+        write_atomically(path, lambda fh: np.savez(fh, **state))

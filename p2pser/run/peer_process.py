@@ -17,6 +17,7 @@ import numpy as np
 from p2pser.config import RunConfig
 from p2pser.data.features import FeatureSet
 from p2pser.errors import UserError
+from p2pser.files import write_atomically
 from p2pser.gossip import algorithms
 from p2pser.gossip.checkpoint import Checkpointer
 from p2pser.gossip.codec import Decoder
@@ -36,9 +37,8 @@ def peer_dir(out_dir: str | Path, peer_id: int) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    # Status and normaliser files are rewritten often and rebuilt on restart: no fsync needed.
+    write_atomically(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()), durable=False)
 
 
 def hub_of(topology: Topology) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_simulate import DATA, RESULTS, TOPOLOGIES, brief, run_timed
 
-from p2pser.run.report import honest_figures
+from p2pser.report.summary import honest_figures
 
 ATTACKERS = (3, 11)
 COMMON = ["--fold", "1", "--topology", str(TOPOLOGIES / "exponential-20.toml"), "--algorithm", "dpsgd",

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from p2pser.data.dataset import prepare_experiment
 from p2pser.data.features import FeatureSpec
-from p2pser.learn.local import recommended_config
+from p2pser.experiments.centralized import parse_folds, train_experiment
 from p2pser.learn.models import MODEL_NAMES
-from p2pser.run.train import parse_folds, train_experiment
+from p2pser.learn.trainer import recommended_config
 from p2pser.runtime import ensure_numba_cache, pin_threads
 
 HERE = Path(__file__).resolve().parent

@@ -47,7 +47,7 @@ def test_ua(run: Path) -> dict[int, dict[int, float]]:
 def neighbour_gaps(run: Path, topology_file: Path, rounds: range) -> list[float]:
     """|test UA of a peer - mean test UA of its neighbours| over all peers and ``rounds``: how far apart
     neighbours are anyway, the yardstick for 'back within 1 point'."""
-    from p2pser.gossip.topology import load_topology
+    from p2pser.exchange.topology import load_topology
 
     topology = load_topology(topology_file)
     ua = test_ua(run)
@@ -63,7 +63,7 @@ def neighbour_gaps(run: Path, topology_file: Path, rounds: range) -> list[float]
 def recovery(run: Path, topology_file: Path) -> list[dict]:
     """For each restarted peer: when it crashed, when it rejoined, and the rounds after rejoining until its
     test UA was within 1 point of its neighbours' mean test UA at the same round."""
-    from p2pser.gossip.topology import load_topology
+    from p2pser.exchange.topology import load_topology
 
     topology = load_topology(topology_file)
     rows = read_rows(run)

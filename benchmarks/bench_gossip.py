@@ -28,7 +28,7 @@ from bench_simulate import DATA, RESULTS, ROUNDS, SVM, TOPOLOGIES, brief, run_ti
 
 
 def _same_graph(kind: str, file: str) -> bool:
-    from p2pser.gossip.topology import load_topology, make_topology
+    from p2pser.exchange.topology import load_topology, make_topology
 
     return make_topology(kind, 20).edges == load_topology(TOPOLOGIES / file).edges
 

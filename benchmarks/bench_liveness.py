@@ -45,13 +45,13 @@ def rows_of(run: Path) -> dict[int, list[dict]]:
 
 
 def neighbours_of(k: int) -> list[int]:
-    from p2pser.gossip.topology import load_topology
+    from p2pser.exchange.topology import load_topology
 
     return load_topology(TOPO).neighbours(k)
 
 
 def analyse(run: Path, killed: int | None) -> dict:
-    from p2pser.gossip.liveness import MIN_WINDOW
+    from p2pser.exchange.liveness import MIN_WINDOW
 
     metrics = rows_of(run)
     degree = {k: len(neighbours_of(k)) for k in metrics}

@@ -39,8 +39,8 @@ from bench_wire import (  # the same model, warm-up and timing as bench_wire
     timed_stream,
 )
 
-from p2pser.gossip.codec import Decoder, encode, template_of
-from p2pser.gossip.transport import CurveConfig, ZmqTransport
+from p2pser.carriers.transport import CurveConfig, ZmqTransport
+from p2pser.exchange.codec import Decoder, encode, template_of
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "secure_wire.json"
@@ -189,8 +189,8 @@ def bed_runs(repeats: int, rounds: int, target: float, seed: int) -> dict:
     from p2pser.cli import main as cli
     from p2pser.config import RunConfig
     from p2pser.data.synth import synthesize_corpus
-    from p2pser.gossip.topology import Topology, make_topology, save_topology
-    from p2pser.run.multihost import launch_hosts
+    from p2pser.deploy.multihost import launch_hosts
+    from p2pser.exchange.topology import Topology, make_topology, save_topology
 
     bed = f"bsw{os.getpid() % 10000}"
     runs: dict[str, list[dict]] = {"off": [], "on": []}

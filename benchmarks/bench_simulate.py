@@ -33,7 +33,7 @@ REPO = HERE.parent
 DATA = REPO.parent / "shared" / "data"
 RESULTS = HERE / "results"
 TOPOLOGIES = REPO / "topologies"
-# One recipe for every svm case: the linear model wants the larger step (see p2pser.learn.local._RECIPES).
+# One recipe for every svm case: the linear model wants the larger step (see p2pser.learn.trainer._RECIPES).
 SVM = ["--model", "svm", "--features", "mfcc", "--lr", "0.02", "--seed", "0"]
 # The RAVDESS fold 1, 20-peer schedule shared with bench_gossip.py (eval every 5 rounds: fixed round budgets).
 ROUNDS = ["--fold", "1", "--rounds", "30", "--local-steps", "4", "--eval-every", "5"]
@@ -125,7 +125,7 @@ def scale(work: Path, peers: int, model: list[str], rounds: int, steps: int) -> 
 
 
 def topologies(work: Path) -> dict:
-    from p2pser.gossip.topology import make_topology, metropolis_hastings_weights, spectral_gap
+    from p2pser.exchange.topology import make_topology, metropolis_hastings_weights, spectral_gap
 
     out = work / "sweep"
     args = ["simulate", str(DATA / "ravdess"), *SVM, *ROUNDS, "--topology", ",".join(KINDS), "--peers", "20",

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from p2pser.gossip.codec import DEFAULT_HASH, Decoder, encode, template_of
-from p2pser.gossip.transport import ZmqTransport
+from p2pser.carriers.transport import ZmqTransport
+from p2pser.exchange.codec import DEFAULT_HASH, Decoder, encode, template_of
 
 RESULTS = Path(__file__).resolve().parent / "results" / "wire.json"
 WARMUP = 3

@@ -256,6 +256,6 @@ def train_config(cfg: RunConfig, **extra: Any):
     Peers and the pooled-data baseline both take it from here, so the two arms of a comparison can only
     differ in what the issue says they differ in (pooling and step count).
     """
-    from p2pser.learn.local import recommended_config
+    from p2pser.learn.trainer import recommended_config
 
     return recommended_config(cfg.model, batch_size=cfg.batch_size, lr=cfg.lr, **extra)

@@ -24,7 +24,7 @@ from p2pser.config import RunConfig
 from p2pser.data.corpora import Utterance, load_corpus
 from p2pser.data.features import FeatureSpec, extract_features
 from p2pser.data.synth import make_voices, synthesize_corpus, synthesize_utterance
-from p2pser.run.plan import make_plan
+from p2pser.partition.plan import make_plan
 
 SR = 16000
 BAD_SPEAKER = "synth_03"  # a training speaker of fold 1 in the 4-speaker synthetic corpus

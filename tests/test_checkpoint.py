@@ -17,8 +17,8 @@ from test_launch import topology_file
 
 from p2pser.config import RunConfig
 from p2pser.errors import UserError
-from p2pser.gossip.checkpoint import CHECKPOINT_NAME, Checkpointer, load_checkpoint, save_checkpoint
-from p2pser.gossip.peer import Peer, PeerData
+from p2pser.exchange.peer import Peer, PeerData
+from p2pser.learn.checkpoint import CHECKPOINT_NAME, Checkpointer, load_checkpoint, save_checkpoint
 
 FAST = ["--model", "cnn1d-shallow", "--partition", "iid", "--features", "mfcc", "--max-seconds", "1.5",
         "--batch-size", "16"]

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pser.gossip import codec
-from p2pser.gossip.codec import CodecError, Decoder, Message, encode, template_of
+from p2pser.exchange import codec
+from p2pser.exchange.codec import CodecError, Decoder, Message, encode, template_of
 
 
 def model(seed: int = 0) -> dict[str, np.ndarray]:

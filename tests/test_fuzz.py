@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_launch import free_base_port
 
-from p2pser.gossip.codec import (
+from p2pser.exchange.codec import (
     CONTROL_KINDS,
     DEFAULT_MAX_BYTES,
     DTYPES,
@@ -47,8 +47,8 @@ from p2pser.gossip.codec import (
     Message,
     encode,
 )
-from p2pser.gossip.inbox import Inbox
-from p2pser.gossip.topology import load_topology, make_topology, save_topology
+from p2pser.exchange.inbox import Inbox
+from p2pser.exchange.topology import load_topology, make_topology, save_topology
 
 N_MESSAGES = 10_000
 HONEST = 3  # rounds played honestly before the fuzz; the peer then waits in round HONEST

@@ -7,9 +7,9 @@ import pytest
 
 from p2pser.config import RunConfig, SimConfig, load_config
 from p2pser.errors import UserError
-from p2pser.gossip.codec import Message
-from p2pser.gossip.inbox import Inbox
-from p2pser.gossip.mixing import Contribution, WeightedAverage, consensus_distance
+from p2pser.exchange.codec import Message
+from p2pser.exchange.inbox import Inbox
+from p2pser.exchange.mixing import Contribution, WeightedAverage, consensus_distance
 
 
 def _msg(sender, round_, kind="model", age=0.0):

@@ -17,7 +17,7 @@ import soundfile
 import zmq
 
 from p2pser.data.synth import synthesize_corpus
-from p2pser.gossip.topology import make_topology, save_topology
+from p2pser.exchange.topology import make_topology, save_topology
 
 N_CLASSES = 6  # the synthetic corpus' emotions
 ROUNDS_LONE = 30  # the peer under attack runs long enough to read every malformed message sent mid-run
@@ -120,7 +120,7 @@ def lone_peer(tmp_path_factory, corpus, cache_dir):
     sends and sends it malformed messages."""
     tmp = tmp_path_factory.mktemp("lone")
     topo = topology_file(tmp, "ring", 2)
-    from p2pser.gossip.topology import load_topology
+    from p2pser.exchange.topology import load_topology
 
     t = load_topology(topo)
     ctx = zmq.Context()
@@ -200,7 +200,7 @@ def test_privacy_every_frame_sent_is_a_header_or_a_declared_parameter_tensor(lon
         assert chunk not in sent
     # Nor does any run of the features the peer computed from its own speech.
     from p2pser.config import RunConfig
-    from p2pser.run.plan import extract_for, make_plan
+    from p2pser.partition.plan import extract_for, make_plan
 
     cfg = RunConfig(partition="iid", features="mfcc", max_seconds=1.5, cache_dir=str(lone_peer["cache_dir"]))
     plan = make_plan(corpus, cfg, 2)

@@ -14,8 +14,8 @@ from test_launch import _rounds_done, _start_peer, topology_file
 
 from p2pser.cli import main
 from p2pser.config import RunConfig
-from p2pser.gossip.liveness import BUSY_MARGIN, FLOOR_S, MIN_WINDOW, WAIT_MARGIN, Deadlines, WaitEstimate
-from p2pser.run.report import read_metrics
+from p2pser.exchange.liveness import BUSY_MARGIN, FLOOR_S, MIN_WINDOW, WAIT_MARGIN, Deadlines, WaitEstimate
+from p2pser.report.summary import read_metrics
 
 UPPER = 20.0
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from p2pser.errors import UserError
-from p2pser.learn.local import (
+from p2pser.learn.models import build_model
+from p2pser.learn.trainer import (
     LocalTrainer,
     TrainConfig,
     augment,
@@ -18,7 +19,6 @@ from p2pser.learn.local import (
     predict,
     recommended_config,
 )
-from p2pser.learn.models import build_model
 
 C, T, K = 16, 48, 4
 

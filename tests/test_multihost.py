@@ -16,9 +16,9 @@ from test_launch import free_base_port
 from test_netns import FAST, bed_cmd, spread_topology
 
 from p2pser.cli import main
+from p2pser.deploy.multihost import expand_nodelist, expand_tasks_per_node, load_hosts, slurm_topology
 from p2pser.errors import UserError
-from p2pser.gossip.topology import load_topology, save_topology
-from p2pser.run.multihost import expand_nodelist, expand_tasks_per_node, load_hosts, slurm_topology
+from p2pser.exchange.topology import load_topology, save_topology
 
 REPO = Path(__file__).resolve().parents[1]
 CHANCE = 1 / 6  # the synthetic corpus has six emotions

@@ -8,19 +8,19 @@ import math
 import numpy as np
 import pytest
 
+from p2pser.carriers.faults import FaultPlan
 from p2pser.cli import main
 from p2pser.config import RunConfig
-from p2pser.gossip.attacks import corrupt
-from p2pser.gossip.codec import Decoder
-from p2pser.gossip.mixing import ClippedGossip, Contribution, TrimmedMean, WeightedAverage, make_rule
-from p2pser.gossip.topology import make_topology
-from p2pser.run.launch import write_config_toml
-from p2pser.run.network_sim import FaultPlan
-from p2pser.run.peer_process import build_peer
-from p2pser.run.plan import extract_for, make_plan
-from p2pser.run.plan import test_set as fold_test_set
-from p2pser.run.report import summarize
-from p2pser.run.simulate import simulate_run
+from p2pser.deploy.launch import write_config_toml
+from p2pser.deploy.peer_process import build_peer
+from p2pser.exchange.attacks import corrupt
+from p2pser.exchange.codec import Decoder
+from p2pser.exchange.mixing import ClippedGossip, Contribution, TrimmedMean, WeightedAverage, make_rule
+from p2pser.exchange.topology import make_topology
+from p2pser.experiments.simulate import simulate_run
+from p2pser.partition.plan import extract_for, make_plan
+from p2pser.partition.plan import test_set as fold_test_set
+from p2pser.report.summary import summarize
 
 ZERO = {"w": np.zeros(2, np.float32)}
 

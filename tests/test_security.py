@@ -16,12 +16,12 @@ import zmq
 import zmq.utils.monitor
 from test_launch import free_base_port
 
+from p2pser.carriers.security import curve_config, load_secret_key, security_on, with_public_keys
+from p2pser.carriers.transport import CurveConfig, ZmqTransport
 from p2pser.cli import main
 from p2pser.errors import UserError
-from p2pser.gossip.codec import encode
-from p2pser.gossip.topology import load_topology, make_topology, save_topology
-from p2pser.gossip.transport import CurveConfig, ZmqTransport
-from p2pser.security import curve_config, load_secret_key, security_on, with_public_keys
+from p2pser.exchange.codec import encode
+from p2pser.exchange.topology import load_topology, make_topology, save_topology
 
 FAST = ["--model", "cnn1d-shallow", "--partition", "iid", "--features", "mfcc", "--max-seconds", "1.5",
         "--local-steps", "4", "--batch-size", "16"]
@@ -207,7 +207,7 @@ def _curve_pair(addresses: frozenset[str], caplog) -> tuple[bool, str]:
     """Peer 1 (holding its real key) connects from 127.0.0.1 to peer 0, which expects it from ``addresses``."""
     import zmq
 
-    from p2pser.gossip.transport import CurveConfig, ZmqTransport
+    from p2pser.carriers.transport import CurveConfig, ZmqTransport
 
     pub0, sec0 = (k.decode() for k in zmq.curve_keypair())
     pub1, sec1 = (k.decode() for k in zmq.curve_keypair())
@@ -223,7 +223,7 @@ def _curve_pair(addresses: frozenset[str], caplog) -> tuple[bool, str]:
 
 
 def test_a_listed_key_from_the_wrong_address_is_refused_and_logged(caplog):
-    caplog.set_level("WARNING", logger="p2pser.gossip.transport")
+    caplog.set_level("WARNING", logger="p2pser.carriers.transport")
     delivered, log = _curve_pair(frozenset({"127.0.0.2"}), caplog)
     assert not delivered
     assert "refused a CurveZMQ connection from 127.0.0.1: it presents peer 1's key but peer 1 connects from " \
@@ -235,9 +235,9 @@ def test_a_listed_key_from_the_wrong_address_is_refused_and_logged(caplog):
 def test_a_plain_text_client_is_refused_and_logged_by_the_secured_side(caplog):
     import zmq
 
-    from p2pser.gossip.transport import CurveConfig, ZmqTransport
+    from p2pser.carriers.transport import CurveConfig, ZmqTransport
 
-    caplog.set_level("WARNING", logger="p2pser.gossip.transport")
+    caplog.set_level("WARNING", logger="p2pser.carriers.transport")
     pub0, sec0 = (k.decode() for k in zmq.curve_keypair())
     pub1, _ = (k.decode() for k in zmq.curve_keypair())
     server = ZmqTransport(0, "tcp://127.0.0.1:0", {}, curve=CurveConfig(pub0, sec0, {1: pub1}))

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from p2pser.carriers.faults import Distribution, FaultPlan, Outage
 from p2pser.cli import main
 from p2pser.config import RunConfig
 from p2pser.data.synth import synthesize_corpus
 from p2pser.errors import UserError
-from p2pser.gossip.topology import make_topology
-from p2pser.run.network_sim import Distribution, FaultPlan, Outage
-from p2pser.run.plan import extract_for, make_plan
-from p2pser.run.report import load_models, read_metrics
-from p2pser.run.simulate import simulate_run
+from p2pser.exchange.topology import make_topology
+from p2pser.experiments.simulate import simulate_run
+from p2pser.partition.plan import extract_for, make_plan
+from p2pser.report.summary import load_models, read_metrics
 
 N = 8
 
@@ -139,13 +139,13 @@ def test_cli_sweep_writes_comparison_and_rejects_bad_faults(setup, tmp_path, cap
     assert main(["simulate", *common, "--model", "resnet", "--out", str(tmp_path / "bad2")]) == 2
     assert "unknown model 'resnet'" in capsys.readouterr().err
     with pytest.raises(UserError, match="churn entry"):
-        from p2pser.run.network_sim import parse_churn
+        from p2pser.carriers.faults import parse_churn
 
         parse_churn("3@x", 4)
 
 
 def test_centralized_baseline_trains_with_the_peers_settings(setup, tmp_path):
-    from p2pser.run.sweep import run_baseline
+    from p2pser.experiments.sweep import run_baseline
 
     corpus, cfg, *_ = setup
     cfg = cfg.replace(lr=0.05)
@@ -159,7 +159,7 @@ def test_centralized_baseline_trains_with_the_peers_settings(setup, tmp_path):
 
 
 def test_random_churn_is_a_seeded_schedule_of_crashes_and_restarts():
-    from p2pser.run.network_sim import parse_churn
+    from p2pser.carriers.faults import parse_churn
 
     a = parse_churn("random:0.25", 20, rounds=40, seed=0)
     assert a == parse_churn("random:0.25", 20, rounds=40, seed=0)

@@ -11,7 +11,7 @@ import pytest
 
 from p2pser.cli import main
 from p2pser.errors import UserError
-from p2pser.gossip.topology import (
+from p2pser.exchange.topology import (
     KINDS,
     PeerInfo,
     Topology,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from p2pser.cli import main
+from p2pser.experiments.centralized import parse_folds
 from p2pser.learn.models import build_model
-from p2pser.run.outdir import prepare_out_dir
-from p2pser.run.train import parse_folds
+from p2pser.report.run_folder import prepare_out_dir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zmq
 
+from p2pser.carriers.transport import CurveConfig, FaultyTransport, ZmqTransport
 from p2pser.errors import UserError
-from p2pser.gossip.codec import Decoder, encode, template_of
-from p2pser.gossip.transport import CurveConfig, FaultyTransport, ZmqTransport
+from p2pser.exchange.codec import Decoder, encode, template_of
 
 ANY = "tcp://127.0.0.1:0"
 STATE = {"w": np.arange(256, dtype=np.float32).reshape(16, 16), "b": np.zeros(16, dtype=np.float32)}
@@ -136,8 +136,8 @@ def test_a_neighbour_that_does_not_read_makes_sends_drop_not_block() -> None:
 
 ECHO = """
 import sys
-from p2pser.gossip.codec import Decoder, encode
-from p2pser.gossip.transport import ZmqTransport
+from p2pser.exchange.codec import Decoder, encode
+from p2pser.carriers.transport import ZmqTransport
 t = ZmqTransport(1, sys.argv[1], {0: sys.argv[2]})
 print(t.endpoint, flush=True)
 decoder = Decoder(None)

@@ -31,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _new(args: argparse.Namespace) -> int:
+    from p2pser.carriers.security import new_key_pair
     from p2pser.errors import UserError
-    from p2pser.gossip.topology import load_topology
-    from p2pser.security import new_key_pair
+    from p2pser.exchange.topology import load_topology
 
     topology = load_topology(args.topology) if args.topology is not None else None
     if args.peer_id is not None:
@@ -61,8 +61,8 @@ def _fill(args: argparse.Namespace) -> int:
 
 
 def _fill_file(folder: Path, source: Path, target: Path) -> None:
-    from p2pser.gossip.topology import load_topology, save_topology
-    from p2pser.security import with_public_keys
+    from p2pser.carriers.security import with_public_keys
+    from p2pser.exchange.topology import load_topology, save_topology
 
     topology = with_public_keys(load_topology(source), folder)
     save_topology(topology, target, note=f"public keys from {folder}")

@@ -21,9 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     # Heavy imports (torch, zmq) only when the command runs: `p2pser --help` stays fast.
-    from p2pser.gossip.topology import load_topology
-    from p2pser.run.launch import launch
-    from p2pser.run.summary_table import print_summary
+    from p2pser.deploy.launch import launch
+    from p2pser.exchange.topology import load_topology
+    from p2pser.report.tables import print_summary
 
     cfg = config_from_args(args)
     topology = load_topology(args.topology)

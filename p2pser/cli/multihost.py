@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from p2pser.config import add_config_arguments, config_from_args, load_config
-from p2pser.gossip.topology import KINDS
+from p2pser.exchange.topology import KINDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _launch_hosts(args: argparse.Namespace) -> int:
-    from p2pser.gossip.topology import load_topology
-    from p2pser.run.multihost import launch_hosts
-    from p2pser.run.summary_table import print_summary
+    from p2pser.deploy.multihost import launch_hosts
+    from p2pser.exchange.topology import load_topology
+    from p2pser.report.tables import print_summary
 
     cfg = config_from_args(args)
     summary = launch_hosts(args.hosts, load_topology(args.topology), Path(args.topology).stem, args.data_dir, cfg,
@@ -56,15 +56,15 @@ def _launch_hosts(args: argparse.Namespace) -> int:
 def _slurm_peer(args: argparse.Namespace) -> int:
     import os
 
-    from p2pser.run.multihost import slurm_peer
+    from p2pser.deploy.multihost import slurm_peer
 
     return slurm_peer(os.environ, args.out, args.data_dir, config_from_args(args), kind=args.kind,
                       base_port=args.base_port, degree=args.degree, bind_host=args.bind_host)
 
 
 def _slurm_summary(args: argparse.Namespace) -> int:
-    from p2pser.run.multihost import slurm_summary
-    from p2pser.run.summary_table import print_summary
+    from p2pser.deploy.multihost import slurm_summary
+    from p2pser.report.tables import print_summary
 
     cfg = load_config(Path(args.out) / "config.toml")
     summary = slurm_summary(args.out, args.data_dir, cfg, wall_s=args.wall_s)

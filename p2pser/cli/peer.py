@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     # Heavy imports (torch, zmq) only when the command runs: `p2pser --help` stays fast.
-    from p2pser.gossip.topology import load_topology
-    from p2pser.run.peer_process import run_peer
+    from p2pser.deploy.peer_process import run_peer
+    from p2pser.exchange.topology import load_topology
 
     cfg = config_from_args(args)
     topology = load_topology(args.topology)

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cases(args: argparse.Namespace):
-    from p2pser.run.sweep import Case
+    from p2pser.experiments.sweep import Case
 
     run_combos = expand_sweep(args, RunConfig, RUN_SWEEP) or [{}]
     sim_combos = expand_sweep(args, SimConfig, SIM_SWEEP) or [{}]
@@ -40,9 +40,9 @@ def _cases(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from p2pser.run.outdir import prepare_out_dir
-    from p2pser.run.summary_table import print_summary
-    from p2pser.run.sweep import run_baseline, run_cases, write_comparison
+    from p2pser.experiments.sweep import run_baseline, run_cases, write_comparison
+    from p2pser.report.run_folder import prepare_out_dir
+    from p2pser.report.tables import print_summary
 
     cases = _cases(args)
     out = prepare_out_dir(args.out)

@@ -7,7 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
-from p2pser.gossip.topology import (
+from p2pser.exchange.topology import (
     KINDS,
     draw_topology,
     load_topology,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import zmq
 
+from p2pser.carriers.transport import CurveConfig
 from p2pser.errors import UserError
-from p2pser.gossip.topology import Topology
-from p2pser.gossip.transport import CurveConfig
+from p2pser.exchange.topology import Topology
 
 log = logging.getLogger(__name__)
 

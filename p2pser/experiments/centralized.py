@@ -30,11 +30,11 @@ from tqdm import tqdm
 from p2pser.data.dataset import Experiment, prepare_experiment
 from p2pser.data.features import FeatureSpec, Normalizer
 from p2pser.errors import UserError
-from p2pser.learn.local import LocalTrainer, TrainConfig, evaluate, recommended_config
 from p2pser.learn.metrics import classification_report
 from p2pser.learn.models import MODEL_NAMES, build_model, count_parameters
-from p2pser.run.outdir import prepare_out_dir
-from p2pser.run.plots import confusion_plot
+from p2pser.learn.trainer import LocalTrainer, TrainConfig, evaluate, recommended_config
+from p2pser.report.plots import confusion_plot
+from p2pser.report.run_folder import prepare_out_dir
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from p2pser.errors import UserError
+from p2pser.exchange.peer import Peer
 from p2pser.files import temporary_of, write_atomically
-from p2pser.gossip.peer import Peer
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import zmq.utils.monitor
 import zmq.utils.z85
 
 from p2pser.errors import UserError
-from p2pser.gossip.codec import DEFAULT_MAX_BYTES, MAX_HEADER_BYTES
+from p2pser.exchange.codec import DEFAULT_MAX_BYTES, MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
 # Handshake failures other than ZAP refusals (those the authenticator logs itself, with the client's address).

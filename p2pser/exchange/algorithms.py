@@ -10,7 +10,7 @@ small *effect* requests for everything that involves the network or the clock:
 - ``Drain()``: take whatever asynchronous models have arrived by now; answered with a list of messages;
 - ``Record(row)``: a metrics row for this round; answered with the seconds elapsed since the run started.
 
-``p2pser.gossip.runner`` carries these out with ZeroMQ and the wall clock; ``p2pser.run.simulate`` with an
+``p2pser.carriers.realtime`` carries these out with ZeroMQ and the wall clock; ``p2pser.experiments.simulate`` with an
 in-memory network and a virtual clock. Nothing else differs between simulation and deployment.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from p2pser.gossip.codec import Message
-from p2pser.gossip.liveness import Deadlines
-from p2pser.gossip.peer import Peer
+from p2pser.exchange.codec import Message
+from p2pser.exchange.liveness import Deadlines
+from p2pser.exchange.peer import Peer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Gathered:
     messages: dict[int, Message]
     heard: frozenset[int] = field(default_factory=frozenset)  # neighbours heard from since the last gather
     # Seconds from the gather's start until each message was filed (0: it was already there), on the
-    # runner's clock: what p2pser.gossip.liveness learns deadlines from.
+    # runner's clock: what p2pser.exchange.liveness learns deadlines from.
     waits: dict[int, float] = field(default_factory=dict)
     # The round the neighbours have reached (``Inbox.newest_seen``): far above our own round, it tells a
     # peer that it fell behind (a restart whose pull went unanswered, a partition, a stall).
@@ -122,7 +122,7 @@ def dpsgd(peer: Peer, start_round: int = 0) -> Algorithm:
 
     A neighbour that missed a whole deadline is not waited for again until it is heard from, so a dead
     neighbour costs one timeout, not one per round; with ``liveness = "adaptive"`` that timeout is a few
-    normal round times (``p2pser.gossip.liveness``) rather than the whole ``round_timeout``.
+    normal round times (``p2pser.exchange.liveness``) rather than the whole ``round_timeout``.
     """
     cfg = peer.config
     stop = _StopRule(cfg)

@@ -41,15 +41,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from p2pser.carriers.security import secret_key_path, security_on, with_public_keys
 from p2pser.config import RunConfig, read_toml
+from p2pser.deploy.launch import progress_line, write_config_toml
+from p2pser.deploy.peer_process import peer_dir
 from p2pser.errors import UserError
-from p2pser.gossip.topology import KINDS, Topology, make_topology, save_topology
-from p2pser.run.launch import progress_line, write_config_toml
-from p2pser.run.outdir import prepare_out_dir
-from p2pser.run.peer_process import peer_dir
-from p2pser.run.plan import extract_for, make_plan, test_set
-from p2pser.run.report import average_model_ua, read_status, summarize
-from p2pser.security import secret_key_path, security_on, with_public_keys
+from p2pser.exchange.topology import KINDS, Topology, make_topology, save_topology
+from p2pser.partition.plan import extract_for, make_plan, test_set
+from p2pser.report.run_folder import prepare_out_dir
+from p2pser.report.summary import average_model_ua, read_status, summarize
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def slurm_topology(env: Mapping[str, str], kind: str, *, base_port: int = 27100,
 def slurm_peer(env: Mapping[str, str], run_dir: str | Path, data_dir: str | Path, cfg: RunConfig, *, kind: str,
                base_port: int, degree: int | None = None, bind_host: str | None = None) -> int:
     """Run the peer of this Slurm task; task 0 also writes RUN/topology.toml and RUN/config.toml."""
-    from p2pser.run.peer_process import run_peer
+    from p2pser.deploy.peer_process import run_peer
 
     try:
         task = int(env["SLURM_PROCID"])
@@ -369,7 +369,7 @@ def slurm_peer(env: Mapping[str, str], run_dir: str | Path, data_dir: str | Path
 
 def slurm_summary(run_dir: str | Path, data_dir: str | Path, cfg: RunConfig, *, wall_s: float) -> dict[str, Any]:
     """Summarise a finished Slurm run folder (shared file system: the peers wrote their folders there)."""
-    from p2pser.gossip.topology import load_topology
+    from p2pser.exchange.topology import load_topology
 
     run = Path(run_dir)
     topology = load_topology(run / "topology.toml")

@@ -1,6 +1,6 @@
 """``p2pser simulate``: many peers in one process, the same peer code, a virtual clock, faults on demand.
 
-Each peer runs the very algorithm coroutine that ``p2pser peer`` runs (``p2pser.gossip.algorithms``); only
+Each peer runs the very algorithm coroutine that ``p2pser peer`` runs (``p2pser.exchange.algorithms``); only
 the carrying-out of its effects differs. Here a discrete-event loop advances a virtual clock: local training
 costs ``steps x seconds-per-step`` of the peer, a message arrives after a sampled link delay unless it is
 dropped, cut by a partition, or addressed to a crashed peer. Messages are encoded and decoded with the
@@ -22,19 +22,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from p2pser.carriers.faults import FaultPlan
+from p2pser.carriers.realtime import MetricsWriter
 from p2pser.config import RunConfig
-from p2pser.gossip import algorithms
-from p2pser.gossip.algorithms import Compute, Drain, Gather, Gathered, Record, Send
-from p2pser.gossip.attacks import attacking_peers
-from p2pser.gossip.checkpoint import Checkpointer
-from p2pser.gossip.codec import CodecError, Decoder
-from p2pser.gossip.inbox import Inbox
-from p2pser.gossip.peer import Peer
-from p2pser.gossip.runner import MetricsWriter
-from p2pser.gossip.topology import Topology
-from p2pser.run.network_sim import FaultPlan
-from p2pser.run.peer_process import build_peer, hub_of, peer_dir, write_json_atomic
-from p2pser.run.plan import Plan, extract_for, test_set
+from p2pser.deploy.peer_process import build_peer, hub_of, peer_dir, write_json_atomic
+from p2pser.exchange import algorithms
+from p2pser.exchange.algorithms import Compute, Drain, Gather, Gathered, Record, Send
+from p2pser.exchange.attacks import attacking_peers
+from p2pser.exchange.codec import CodecError, Decoder
+from p2pser.exchange.inbox import Inbox
+from p2pser.exchange.peer import Peer
+from p2pser.exchange.topology import Topology
+from p2pser.learn.checkpoint import Checkpointer
+from p2pser.partition.plan import Plan, extract_for, test_set
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class Simulator:
 def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunConfig, faults: FaultPlan,
                  out_dir: Path, *, features=None, row_of=None, progress: bool = False) -> dict:
     """One simulated run into ``out_dir``; ``features`` may be passed in to share them across a sweep."""
-    from p2pser.run.report import average_model_ua, summarize
+    from p2pser.report.summary import average_model_ua, summarize
 
     start = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)

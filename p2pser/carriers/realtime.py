@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from p2pser.gossip.algorithms import Algorithm, Compute, Drain, Gather, Gathered, Record, Send
-from p2pser.gossip.checkpoint import Checkpointer
-from p2pser.gossip.codec import CodecError, Decoder
-from p2pser.gossip.inbox import Inbox
+from p2pser.exchange.algorithms import Algorithm, Compute, Drain, Gather, Gathered, Record, Send
+from p2pser.exchange.codec import CodecError, Decoder
+from p2pser.exchange.inbox import Inbox
+from p2pser.learn.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 

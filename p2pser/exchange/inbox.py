@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from p2pser.gossip.codec import Message
+from p2pser.exchange.codec import Message
 
 
 class Inbox:

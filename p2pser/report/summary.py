@@ -78,7 +78,7 @@ def load_models(run_dir: Path) -> list[tuple[int, dict[str, np.ndarray], dict]]:
 def run_attackers(run_dir: Path) -> frozenset[int]:
     """The attacking peers of a run whose folder holds its ``config.toml`` (launch, multi-host runs)."""
     from p2pser.config import load_config
-    from p2pser.gossip.attacks import attacking_peers
+    from p2pser.exchange.attacks import attacking_peers
 
     path = run_dir / "config.toml"
     return attacking_peers(load_config(path)) if path.exists() else frozenset()
@@ -178,8 +178,8 @@ def average_model_ua(run_dir: Path, model_name: str, seed: int,
     import torch
 
     from p2pser.data.features import Normalizer
-    from p2pser.learn.local import evaluate
     from p2pser.learn.models import build_model
+    from p2pser.learn.trainer import evaluate
 
     x_test, y_test, lengths = test
     saved = load_models(Path(run_dir))

@@ -17,8 +17,9 @@ from test_launch import topology_file
 
 from p2pser.config import RunConfig
 from p2pser.errors import UserError
-from p2pser.exchange.peer import Peer, PeerData
-from p2pser.learn.checkpoint import CHECKPOINT_NAME, Checkpointer, load_checkpoint, save_checkpoint
+from p2pser.exchange.checkpoint import CHECKPOINT_NAME, Checkpointer, load_checkpoint, save_checkpoint
+from p2pser.exchange.peer import Peer, make_learner
+from p2pser.learn.data import PeerData
 
 FAST = ["--model", "cnn1d-shallow", "--partition", "iid", "--features", "mfcc", "--max-seconds", "1.5",
         "--batch-size", "16"]
@@ -34,7 +35,7 @@ def make_peer(model: str, peer_id: int = 0, **changes) -> Peer:
     test = (x[:8], y[:8], lengths[:8])
     data = PeerData.from_arrays(x, y, lengths, np.arange(n), test, ["a", "b", "c", "d"], val_fraction=0.1, seed=0)
     cfg = RunConfig(model=model, rounds=6, local_steps=3, batch_size=8, **changes)
-    return Peer(peer_id, [], data, cfg, mix_weights={peer_id: 1.0})
+    return Peer(peer_id, [], make_learner(data, cfg, peer_id), cfg, mix_weights={peer_id: 1.0})
 
 
 @pytest.mark.parametrize("model", ["cnn1d-shallow", "crnn"])

@@ -40,7 +40,8 @@ def _cases(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from p2pser.experiments.sweep import run_baseline, run_cases, write_comparison
+    from p2pser.experiments.sweep import run_baseline, run_cases
+    from p2pser.report.comparison import write_comparison
     from p2pser.report.run_folder import prepare_out_dir
     from p2pser.report.tables import print_summary
 

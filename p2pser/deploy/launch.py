@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from p2pser.config import RunConfig, config_to_dict
-from p2pser.deploy.peer_process import hub_of, peer_dir
+from p2pser.exchange.algorithms import spec_of
 from p2pser.exchange.topology import Topology, save_topology
+from p2pser.learn.tasks import CLASSIFICATION
 from p2pser.partition.plan import extract_for, make_plan, test_set
-from p2pser.report.run_folder import prepare_out_dir
-from p2pser.report.summary import average_model_ua, read_metrics, read_status, summarize
+from p2pser.report.run_folder import peer_dir, prepare_out_dir
+from p2pser.report.summary import read_metrics, read_status, report_run
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def progress_line(metrics: dict[int, list[dict]], n: int) -> str:
     last = [rows[-1] for rows in metrics.values() if rows]
     if not last:
         return f"starting {n} peers ..."
-    uas = [v for rows in metrics.values() if (v := _final(rows, "test_ua")) is not None]
+    uas = [v for rows in metrics.values() if (v := _final(rows, CLASSIFICATION.test_key())) is not None]
     dists = [r["consensus_distance"] for r in last if r.get("consensus_distance") is not None]
     rounds = [r["round"] + 1 for r in last]
     text = f"round {min(rounds)}-{max(rounds)}"
@@ -76,8 +77,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
     start = time.monotonic()
     out = prepare_out_dir(out_dir)
     plan = make_plan(data_dir, cfg, topology.n)
-    if cfg.algorithm == "fedavg":
-        hub_of(topology)  # fail now, not in every peer
+    spec_of(cfg.algorithm).placement(topology)  # a topology the algorithm cannot run on fails now, not in every peer
     topo_file, cfg_file = out / "topology.toml", out / "config.toml"
     save_topology(topology, topo_file)
     write_config_toml(cfg, cfg_file)
@@ -144,5 +144,4 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
         "interrupted": interrupted,
         "crashed_peers": crashed,
     }
-    ua_avg = average_model_ua(out, cfg.model, cfg.seed, test, plan.classes)
-    return summarize(out, base, wall_s=time.monotonic() - start, ua_average_model=ua_avg)
+    return report_run(out, base, cfg, test, plan.classes, wall_s=time.monotonic() - start)

@@ -44,12 +44,11 @@ from typing import Any
 from p2pser.carriers.security import secret_key_path, security_on, with_public_keys
 from p2pser.config import RunConfig, read_toml
 from p2pser.deploy.launch import progress_line, write_config_toml
-from p2pser.deploy.peer_process import peer_dir
 from p2pser.errors import UserError
 from p2pser.exchange.topology import KINDS, Topology, make_topology, save_topology
 from p2pser.partition.plan import extract_for, make_plan, test_set
-from p2pser.report.run_folder import prepare_out_dir
-from p2pser.report.summary import average_model_ua, read_status, summarize
+from p2pser.report.run_folder import peer_dir, prepare_out_dir
+from p2pser.report.summary import read_status, report_run
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +179,7 @@ def summarize_gathered(out: Path, topology: Topology, data_dir: str | Path, cfg:
     test = test_set(features, row_of, plan)
     base = base | {"security": security_on(cfg.security, topology),
                    "hosts": sorted({p.host for p in topology.peers})}
-    ua_avg = average_model_ua(out, cfg.model, cfg.seed, test, plan.classes)
-    return summarize(out, base, wall_s=wall_s, ua_average_model=ua_avg)
+    return report_run(out, base, cfg, test, plan.classes, wall_s=wall_s)
 
 
 def launch_hosts(hosts_file: str | Path, topology: Topology, topology_name: str, data_dir: str | Path,

@@ -6,7 +6,6 @@ crashed) and, after a crash, the last error: the launcher reads it to report a c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -14,58 +13,23 @@ from pathlib import Path
 
 import numpy as np
 
-from p2pser.carriers.realtime import MetricsWriter, RealtimeRunner
+from p2pser.carriers.mailbox import Mailbox
+from p2pser.carriers.realtime import RealtimeRunner
 from p2pser.carriers.security import curve_config, security_on
 from p2pser.carriers.transport import ZmqTransport
 from p2pser.config import RunConfig
-from p2pser.data.features import FeatureSet
 from p2pser.errors import UserError
 from p2pser.exchange import algorithms
-from p2pser.exchange.codec import Decoder
-from p2pser.exchange.peer import Peer, PeerData
-from p2pser.exchange.topology import Topology, metropolis_hastings_weights
-from p2pser.files import write_atomically
-from p2pser.learn.checkpoint import Checkpointer
-from p2pser.partition.plan import Plan, extract_for, make_plan, rows, test_set
+from p2pser.exchange.algorithms import spec_of
+from p2pser.exchange.checkpoint import Checkpointer
+from p2pser.exchange.peer import build_peer
+from p2pser.exchange.topology import Topology
+from p2pser.partition.plan import extract_for, make_plan, test_set
+from p2pser.report.metrics_log import MetricsWriter
+from p2pser.report.run_folder import METRICS, STATUS, peer_dir, write_json_atomic
 from p2pser.runtime import ensure_numba_cache, pin_threads
 
 log = logging.getLogger(__name__)
-
-
-def peer_dir(out_dir: str | Path, peer_id: int) -> Path:
-    return Path(out_dir) / f"peer-{peer_id:03d}"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    # Status and normaliser files are rewritten often and rebuilt on restart: no fsync needed.
-    write_atomically(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()), durable=False)
-
-
-def hub_of(topology: Topology) -> int:
-    """The star's centre: fedavg needs a peer linked to every other one."""
-    for i in range(topology.n):
-        if len(topology.neighbours(i)) == topology.n - 1:
-            return i
-    raise UserError("--algorithm fedavg needs a star (or complete) topology: no peer is linked to all others")
-
-
-def build_peer(plan: Plan, topology: Topology, peer_id: int, cfg: RunConfig, features: FeatureSet,
-               row_of: dict[int, int], test: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Peer:
-    """The one way a peer is assembled, shared by real processes and the simulator.
-
-    ``test`` is the fold's test set (x, y, lengths), passed in so that simulated peers share one copy.
-    """
-    own = rows(row_of, plan.peers[peer_id])
-    if len(own) == 0:
-        raise UserError(f"peer {peer_id} has no usable training audio: all {len(plan.peers[peer_id])} of its "
-                        "files were skipped (reasons above); fix or remove them, or use fewer peers")
-    data = PeerData.from_arrays(
-        features.x, features.labels, features.lengths, own, test, plan.classes,
-        val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id,
-    )
-    w = metropolis_hastings_weights(topology)
-    neighbours = topology.neighbours(peer_id)
-    return Peer(peer_id, neighbours, data, cfg, mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]})
 
 
 def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
@@ -78,12 +42,12 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
     folder = peer_dir(out_dir, peer_id)
     folder.mkdir(parents=True, exist_ok=True)
     status = {"peer": peer_id, "state": "starting", "pid": os.getpid()}
-    write_json_atomic(folder / "status.json", status)
+    write_json_atomic(folder / STATUS, status)
     # The launcher stops peers with SIGTERM: turn it into KeyboardInterrupt so the model is still saved.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     checkpointer = None
     try:
-        hub = hub_of(topology) if cfg.algorithm == "fedavg" else 0
+        placement = spec_of(cfg.algorithm).placement(topology)
         # Keys are checked before feature extraction: a missing key file should not cost minutes first.
         curve = curve_config(topology, peer_id, cfg.keys) if security_on(cfg.security, topology) else None
         plan = make_plan(data_dir, cfg, topology.n)
@@ -105,12 +69,10 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
             curve=curve,
         )
         try:
-            metrics = MetricsWriter(folder / "metrics.jsonl")
-            runner = RealtimeRunner(peer_id, peer.neighbours, transport, Decoder(peer.template), metrics,
-                                    synchronous=cfg.algorithm != "gossip", answer_pull=peer.answer_pull,
-                                    checkpointer=checkpointer, rounds=cfg.rounds)
-            write_json_atomic(folder / "status.json", status | {"state": "running", "resumed": resumed})
-            runner.run(algorithms.start(peer, checkpointer.next_round, hub=hub, resumed=resumed))
+            mailbox = Mailbox(peer, MetricsWriter(folder / METRICS), checkpointer=checkpointer)
+            write_json_atomic(folder / STATUS, status | {"state": "running", "resumed": resumed})
+            RealtimeRunner(mailbox, transport).run(
+                algorithms.start(peer, checkpointer.next_round, resumed=resumed, **placement))
         finally:
             transport.close()
         status["state"] = "done"
@@ -128,6 +90,5 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
     finally:
         if checkpointer is not None:
             checkpointer.save()
-            checkpointer.peer.save_model(folder / "model.npz")
-            write_json_atomic(folder / "normalizer.json", checkpointer.peer.data.normalizer.to_dict())
-        write_json_atomic(folder / "status.json", status)
+            checkpointer.peer.save_outputs(folder)
+        write_json_atomic(folder / STATUS, status)

@@ -1,84 +1,43 @@
 """The learning algorithms, written once as coroutines that say what to do, never how.
 
-An algorithm is a generator over a ``Peer``. It trains and mixes by calling the peer directly, and yields
-small *effect* requests for everything that involves the network or the clock:
+An algorithm is a generator over a ``Peer``: it trains and mixes by calling the peer and yields the effects
+of ``p2pser.exchange.effects`` (send, gather with a deadline, drain, record) for a carrier to carry out.
 
-- ``Compute(steps)``: local training just took ``steps`` minibatch steps (the simulator charges virtual time);
-- ``Send(to, frames)``: send an encoded message to these neighbours;
-- ``Gather(kind, round, expect, timeout)``: wait until all of ``expect`` delivered that round or the timeout
-  passed; answered with a ``Gathered``;
-- ``Drain()``: take whatever asynchronous models have arrived by now; answered with a list of messages;
-- ``Record(row)``: a metrics row for this round; answered with the seconds elapsed since the run started.
-
-``p2pser.carriers.realtime`` carries these out with ZeroMQ and the wall clock; ``p2pser.experiments.simulate`` with an
-in-memory network and a virtual clock. Nothing else differs between simulation and deployment.
+Each algorithm is registered with the properties carriers and launchers need (``AlgorithmSpec``), so no
+carrier, launcher or report ever tests an algorithm's name: whether it runs in synchronous rounds (the
+inbox then keeps a round floor and waits are timed), whether it needs a hub (a peer linked to all others),
+and which extra state it keeps in ``Peer.algorithm_state`` (checkpointed with the peer).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from p2pser.config import ALGORITHMS as ALGORITHM_NAMES
 from p2pser.exchange.codec import Message
+from p2pser.exchange.effects import Compute, Drain, Gather, Gathered, Record, Send
 from p2pser.exchange.liveness import Deadlines
 from p2pser.exchange.peer import Peer
+from p2pser.exchange.topology import Topology
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Compute:
-    steps: int
-
-
-@dataclass(frozen=True)
-class Send:
-    to: tuple[int, ...]
-    frames: list
-
-
-@dataclass(frozen=True)
-class Gather:
-    kind: str
-    round: int
-    expect: frozenset[int]
-    timeout: float
-
-
-@dataclass(frozen=True)
-class Gathered:
-    messages: dict[int, Message]
-    heard: frozenset[int] = field(default_factory=frozenset)  # neighbours heard from since the last gather
-    # Seconds from the gather's start until each message was filed (0: it was already there), on the
-    # runner's clock: what p2pser.exchange.liveness learns deadlines from.
-    waits: dict[int, float] = field(default_factory=dict)
-    # The round the neighbours have reached (``Inbox.newest_seen``): far above our own round, it tells a
-    # peer that it fell behind (a restart whose pull went unanswered, a partition, a stall).
-    newest: int = -1
-
-
-@dataclass(frozen=True)
-class Drain:
-    pass
-
-
-@dataclass(frozen=True)
-class Record:
-    row: dict
 
 
 Algorithm = Generator[Any, Any, None]
 
 
 class _StopRule:
-    """Round budget, time budget, or convergence: consensus below a threshold and validation UA flat."""
+    """Round budget, time budget, or convergence: consensus below a threshold and the task's validation
+    metric flat."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, val_key: str) -> None:
         self.config = config
+        self.val_key = val_key
         self.best_val = -1.0
         self.flat_rounds = 0
         self.distance: float | None = None  # last measured: a round that heard nobody measures nothing
@@ -87,9 +46,9 @@ class _StopRule:
         cfg = self.config
         if cfg.time_budget and elapsed >= cfg.time_budget:
             return True
-        if "val_ua" in row:
-            if row["val_ua"] > self.best_val + 1e-4:
-                self.best_val, self.flat_rounds = row["val_ua"], 0
+        if self.val_key in row:
+            if row[self.val_key] > self.best_val + 1e-4:
+                self.best_val, self.flat_rounds = row[self.val_key], 0
             else:
                 self.flat_rounds += cfg.eval_every
         if row.get("consensus_distance") is not None:
@@ -125,7 +84,7 @@ def dpsgd(peer: Peer, start_round: int = 0) -> Algorithm:
     normal round times (``p2pser.exchange.liveness``) rather than the whole ``round_timeout``.
     """
     cfg = peer.config
-    stop = _StopRule(cfg)
+    stop = _StopRule(cfg, peer.learner.task.val_key())
     suspects: set[int] = set()
     deadlines = Deadlines.from_config(cfg, peer.id)
     r = start_round
@@ -153,7 +112,7 @@ def fedavg(peer: Peer, start_round: int = 0, hub: int = 0) -> Algorithm:
     """Federated averaging on a star: every peer trains; the hub averages by sample counts (its own model
     included) and sends the average back, which the others adopt. Centralized FL as a baseline."""
     cfg = peer.config
-    stop = _StopRule(cfg)
+    stop = _StopRule(cfg, peer.learner.task.val_key())
     suspects: set[int] = set()
     deadlines = Deadlines.from_config(cfg, peer.id)
     r = start_round
@@ -193,7 +152,7 @@ def gossip(peer: Peer, start_round: int = 0) -> Algorithm:
     """Asynchronous gossip learning: no rounds to wait for. After each block of local steps, push the model
     to one random neighbour; merge whatever arrived, weighted by model age (local steps it has seen)."""
     cfg = peer.config
-    stop = _StopRule(cfg)
+    stop = _StopRule(cfg, peer.learner.task.val_key())
     rng = np.random.default_rng([cfg.seed, peer.id, 7])
     age = max(peer.age, float(start_round * cfg.local_steps))
     for r in range(start_round, cfg.rounds):
@@ -277,20 +236,50 @@ def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
     return round_
 
 
-ALGORITHMS = {"dpsgd": dpsgd, "gossip": gossip, "fedavg": fedavg}
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """An algorithm and what the code around it must know of it."""
+
+    name: str
+    run: Callable[..., Algorithm]  # (peer, start_round, **placement) -> the coroutine
+    synchronous: bool  # rounds with a floor: models of finished rounds are stale, waits are timed
+    needs_hub: bool = False  # star-shaped: one peer linked to every other gathers and answers
+    state: tuple[str, ...] = ()  # keys it keeps in Peer.algorithm_state across rounds (checkpointed)
+    summary: str = ""
+
+    def placement(self, topology: Topology) -> dict[str, int]:
+        """Keyword arguments a peer of ``topology`` runs this algorithm with (the hub, if it needs one);
+        a topology it cannot run on is a ``UserError`` naming the algorithm."""
+        return {"hub": topology.hub(self.name)} if self.needs_hub else {}
 
 
-def start(peer: Peer, start_round: int = 0, *, hub: int = 0, resumed: bool = False) -> Algorithm:
-    """The configured algorithm from ``start_round``; ``resumed`` (restarted from a checkpoint) catches up
-    with the neighbours first."""
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    spec.name: spec
+    for spec in (
+        AlgorithmSpec("dpsgd", dpsgd, synchronous=True,
+                      summary="synchronous D-PSGD: local steps, then a Metropolis-Hastings average of neighbours"),
+        AlgorithmSpec("gossip", gossip, synchronous=False,
+                      summary="asynchronous gossip learning: push to one random neighbour, merge by model age"),
+        AlgorithmSpec("fedavg", fedavg, synchronous=True, needs_hub=True,
+                      summary="federated averaging through the star's hub (a centralized-FL baseline)"),
+    )
+}
+# The config validates names without importing torch; both lists must name the same algorithms.
+assert tuple(ALGORITHMS) == ALGORITHM_NAMES, (tuple(ALGORITHMS), ALGORITHM_NAMES)
+
+
+def spec_of(name: str) -> AlgorithmSpec:
+    return ALGORITHMS[name]
+
+
+def start(peer: Peer, start_round: int = 0, *, resumed: bool = False, **placement: int) -> Algorithm:
+    """The configured algorithm from ``start_round`` with its ``placement`` (see ``AlgorithmSpec``);
+    ``resumed`` (restarted from a checkpoint) catches up with the neighbours first."""
     if resumed and start_round < peer.config.rounds:
-        return _resumed(peer, start_round, hub)
-    name = peer.config.algorithm
-    if name == "fedavg":
-        return fedavg(peer, start_round, hub=hub)
-    return ALGORITHMS[name](peer, start_round)
+        return _resumed(peer, start_round, placement)
+    return ALGORITHMS[peer.config.algorithm].run(peer, start_round, **placement)
 
 
-def _resumed(peer: Peer, start_round: int, hub: int) -> Algorithm:
+def _resumed(peer: Peer, start_round: int, placement: dict[str, int]) -> Algorithm:
     round_ = yield from catch_up(peer, start_round)
-    yield from start(peer, round_, hub=hub)
+    yield from start(peer, round_, **placement)

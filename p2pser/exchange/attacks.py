@@ -1,6 +1,7 @@
 """Byzantine attack modes for experiments: what a peer listed in ``--attackers`` sends instead of its model.
 
-An attacker trains and mixes honestly; it lies only on the wire (``Peer.encode``). Its own parameters are
+An attacker trains and mixes honestly; it lies only on the wire: ``Attacking`` wraps its learner and
+changes only what the learner lets out (``outgoing``). Its own parameters are
 never touched, so what it sends each round is a function of an honest model, which is the usual threat
 model of the robust-aggregation literature (the attacker knows the honest models and tracks them):
 
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from p2pser.config import RunConfig
+from p2pser.learn.learner import LearnerWrapper
 
 # Separates the attack's random stream from every other use of (seed, peer, round).
 _STREAM = 0xB1
@@ -43,3 +45,15 @@ def corrupt(state: Mapping[str, np.ndarray], config: RunConfig, peer_id: int, ro
         return {name: (value * config.attack_scale).astype(value.dtype) for name, value in state.items()}
     rng = np.random.default_rng([config.seed, peer_id, round_, _STREAM])
     return {name: rng.normal(0.0, config.attack_scale, value.shape).astype(value.dtype) for name, value in state.items()}
+
+
+class Attacking(LearnerWrapper):
+    """The learner of an experiment's Byzantine peer: everything honest except what it sends."""
+
+    def __init__(self, inner, config: RunConfig, peer_id: int) -> None:
+        super().__init__(inner)
+        self.config = config
+        self.peer_id = peer_id
+
+    def outgoing(self, state: Mapping[str, np.ndarray], round_: int) -> dict[str, np.ndarray]:
+        return corrupt(self.inner.outgoing(state, round_), self.config, self.peer_id, round_)

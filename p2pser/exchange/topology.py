@@ -96,6 +96,13 @@ class Topology:
         peers = tuple(replace(p, port=base_port + p.id) for p in self.peers)
         return Topology(self.kind, peers, self.edges)
 
+    def hub(self, algorithm: str = "fedavg") -> int:
+        """The star's centre, for an algorithm that needs a peer linked to every other one."""
+        for i in range(self.n):
+            if len(self._adjacency[i]) == self.n - 1:
+                return i
+        raise UserError(f"--algorithm {algorithm} needs a star (or complete) topology: no peer is linked to all others")
+
     def spans_hosts(self) -> bool:
         return len({p.host for p in self.peers}) > 1
 

@@ -32,9 +32,10 @@ from p2pser.data.features import FeatureSpec, Normalizer
 from p2pser.errors import UserError
 from p2pser.learn.metrics import classification_report
 from p2pser.learn.models import MODEL_NAMES, build_model, count_parameters
-from p2pser.learn.trainer import LocalTrainer, TrainConfig, evaluate, recommended_config
+from p2pser.learn.tasks import CLASSIFICATION, Task
+from p2pser.learn.trainer import LocalTrainer, TrainConfig, predict_scores, recommended_config
 from p2pser.report.plots import confusion_plot
-from p2pser.report.run_folder import prepare_out_dir
+from p2pser.report.run_folder import SUMMARY, prepare_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def _fit_fold(
     val_fraction: float,
     fold_dir: Path,
     progress: bool,
+    task: Task,
 ) -> dict:
     fs = experiment.features
     split = experiment.fold(number, val_fraction=val_fraction, seed=seed)
@@ -90,13 +92,14 @@ def _fit_fold(
     best: tuple[float, int, dict] | None = None
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"fold {number}", unit="epoch", disable=not progress, leave=False)
+    val_key = task.val_key()
     for epoch in bar:
         row: dict = {"epoch": epoch, "loss": round(trainer.train_epoch(), 5)}
         if len(y_val):
-            row["val_ua"] = round(evaluate(model, x_val, y_val, classes)["ua"], 5)
+            row[val_key] = round(task.score(y_val, predict_scores(model, x_val), classes)[task.primary], 5)
             # Ties go to the later epoch: the schedule has annealed further.
-            if best is None or row["val_ua"] >= best[0]:
-                best = (row["val_ua"], epoch, copy.deepcopy(model.state_dict()))
+            if best is None or row[val_key] >= best[0]:
+                best = (row[val_key], epoch, copy.deepcopy(model.state_dict()))
         history.append(row)
         bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
     train_s = time.perf_counter() - t0
@@ -105,7 +108,7 @@ def _fit_fold(
         chosen_epoch = best[1]
         model.load_state_dict(best[2])
 
-    report = evaluate(model, x_test, y_test, classes)
+    report = task.score(y_test, predict_scores(model, x_test), classes)
     report.update(
         fold=number,
         test_speakers=sorted(set(fs.speakers[split.test].tolist())),
@@ -120,7 +123,7 @@ def _fit_fold(
     torch.save(model.state_dict(), fold_dir / "model.pt")
     (fold_dir / "normalizer.json").write_text(json.dumps(norm.to_dict()))
     (fold_dir / "metrics.json").write_text(json.dumps(report, indent=1))
-    log.info("fold %d: UA %.4f WA %.4f (%d test utterances, %.1f s)", number, report["ua"], report["wa"],
+    log.info("fold %d: %s %.4f (%d test utterances, %.1f s)", number, task.label(), report[task.primary],
              len(y_test), train_s)
     return report
 
@@ -135,6 +138,7 @@ def train_experiment(
     out_dir: str | Path,
     val_fraction: float = 0.0,
     progress: bool = True,
+    task: Task = CLASSIFICATION,
 ) -> dict:
     """Train and test one model per fold of a prepared experiment; write the run folder; return the summary.
 
@@ -150,7 +154,7 @@ def train_experiment(
     for number in tqdm(folds, desc="folds", unit="fold", disable=not progress or len(folds) == 1):
         reports.append(
             _fit_fold(experiment, number, model_name, train_cfg, seed=seed, val_fraction=val_fraction,
-                      fold_dir=out / f"fold-{number}", progress=progress)
+                      fold_dir=out / f"fold-{number}", progress=progress, task=task)
         )
     fs = experiment.features
     classes = experiment.classes
@@ -158,12 +162,10 @@ def train_experiment(
     pooled = _report_from_confusion(confusion, classes)
     summary = {
         "mode": "centralized",
-        "ua": float(np.mean([r["ua"] for r in reports])),
-        "wa": float(np.mean([r["wa"] for r in reports])),
-        "macro_f1": float(np.mean([r["macro_f1"] for r in reports])),
-        "ua_pooled": pooled["ua"],
+        **{m: float(np.mean([r[m] for r in reports])) for m in task.metrics},
+        task.summary_key("pooled"): pooled[task.primary],
         "per_fold": [
-            {k: r[k] for k in ("fold", "ua", "wa", "macro_f1", "test_speakers", "n_test", "epoch", "train_s")}
+            {k: r[k] for k in ("fold", *task.metrics, "test_speakers", "n_test", "epoch", "train_s")}
             for r in reports
         ],
         "model": model_name,
@@ -180,8 +182,9 @@ def train_experiment(
         "wall_s": round(time.perf_counter() - start, 2),  # training and testing; callers may add preparation
     }
     confusion_plot(confusion, classes, out / "confusion.png",
-                   title=f"{model_name} on {fs.spec.kind}: UA {100 * summary['ua']:.1f}% ({len(reports)} folds)")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+                   title=f"{model_name} on {fs.spec.kind}: {task.label()} {100 * summary[task.primary]:.1f}% "
+                         f"({len(reports)} folds)")
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -232,18 +235,18 @@ def train_centralized(
     summary = train_experiment(experiment, numbers, model_name, cfg, seed=seed, out_dir=out,
                                val_fraction=val_fraction, progress=progress)
     summary.update(data_dir=str(data_dir), wall_s=round(time.perf_counter() - start, 2))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def format_results(summary: dict) -> str:
-    """The short results table ``p2pser train`` prints."""
-    lines = [f"{'fold':>5}  {'UA':>6}  {'WA':>6}  {'F1':>6}  {'test':>5}  {'train s':>8}"]
+def format_results(summary: dict, task: Task = CLASSIFICATION) -> str:
+    """The short results table ``p2pser train`` prints: one column per metric of the task."""
+    heads = {"macro_f1": "F1"}
+    lines = ["fold  " + "  ".join(f"{heads.get(m, m.upper()):>6}" for m in task.metrics) + "   test   train s"]
     for r in summary["per_fold"]:
-        lines.append(f"{r['fold']:>5}  {100 * r['ua']:5.1f}%  {100 * r['wa']:5.1f}%  {100 * r['macro_f1']:5.1f}%  "
-                     f"{r['n_test']:>5}  {r['train_s']:>8.1f}")
-    lines.append(f"{'mean':>5}  {100 * summary['ua']:5.1f}%  {100 * summary['wa']:5.1f}%  "
-                 f"{100 * summary['macro_f1']:5.1f}%")
+        lines.append(f"{r['fold']:>4}  " + "  ".join(f"{100 * r[m]:5.1f}%" for m in task.metrics)
+                     + f"  {r['n_test']:>5}  {r['train_s']:>8.1f}")
+    lines.append("mean  " + "  ".join(f"{100 * summary[m]:5.1f}%" for m in task.metrics))
     lines.append(f"model {summary['model']} ({summary['params']} params) on {summary['features']}; "
                  f"{summary['wall_s']:.1f} s")
     return "\n".join(lines)

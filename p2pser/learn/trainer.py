@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from p2pser.errors import UserError
-from p2pser.learn.metrics import classification_report
+from p2pser.learn.tasks import CLASSIFICATION, Task
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,8 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarra
 
 
 def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, classes: Sequence[str], batch_size: int = 256
+    model: nn.Module, x: np.ndarray, y: np.ndarray, classes: Sequence[str], batch_size: int = 256,
+    task: Task = CLASSIFICATION,
 ) -> dict:
-    """``classification_report`` (UA, WA, macro-F1, confusion) of ``model`` on ``x``, ``y``."""
-    return classification_report(np.asarray(y), predict(model, x, batch_size), classes)
+    """The task's full report (for classification: UA, WA, macro-F1, confusion) of ``model`` on ``x``, ``y``."""
+    return task.score(np.asarray(y), predict_scores(model, x, batch_size), classes)

@@ -15,16 +15,28 @@ from typing import Any
 
 import numpy as np
 
+from p2pser.learn.tasks import CLASSIFICATION, Task
+from p2pser.report.run_folder import (
+    CONFIG,
+    METRICS,
+    MODEL,
+    NORMALIZER,
+    PEER_GLOB,
+    STATUS,
+    SUMMARY,
+    peer_id_of,
+)
+
 log = logging.getLogger(__name__)
 
 
 def read_metrics(run_dir: Path) -> dict[int, list[dict]]:
     """Rows per peer; a torn last line (a peer killed mid-write) is skipped, never fatal."""
     out: dict[int, list[dict]] = {}
-    for folder in sorted(run_dir.glob("peer-*")):
-        peer = int(folder.name.split("-")[1])
+    for folder in sorted(run_dir.glob(PEER_GLOB)):
+        peer = peer_id_of(folder)
         rows = []
-        path = folder / "metrics.jsonl"
+        path = folder / METRICS
         if path.exists():
             for line in path.read_text().splitlines():
                 try:
@@ -37,7 +49,7 @@ def read_metrics(run_dir: Path) -> dict[int, list[dict]]:
 
 def read_status(run_dir: Path) -> dict[int, dict]:
     out = {}
-    for path in sorted(run_dir.glob("peer-*/status.json")):
+    for path in sorted(run_dir.glob(f"{PEER_GLOB}/{STATUS}")):
         try:
             status = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -66,12 +78,12 @@ def final_value(rows: list[dict], key: str) -> float | None:
 def load_models(run_dir: Path) -> list[tuple[int, dict[str, np.ndarray], dict]]:
     """(peer, parameters, normalizer dict) for every peer that saved a model."""
     out = []
-    for folder in sorted(run_dir.glob("peer-*")):
-        model, norm = folder / "model.npz", folder / "normalizer.json"
+    for folder in sorted(run_dir.glob(PEER_GLOB)):
+        model, norm = folder / MODEL, folder / NORMALIZER
         if model.exists() and norm.exists():
             with np.load(model, allow_pickle=False) as z:
                 params = {k: z[k] for k in z.files}
-            out.append((int(folder.name.split("-")[1]), params, json.loads(norm.read_text())))
+            out.append((peer_id_of(folder), params, json.loads(norm.read_text())))
     return out
 
 
@@ -80,25 +92,31 @@ def run_attackers(run_dir: Path) -> frozenset[int]:
     from p2pser.config import load_config
     from p2pser.exchange.attacks import attacking_peers
 
-    path = run_dir / "config.toml"
+    path = run_dir / CONFIG
     return attacking_peers(load_config(path)) if path.exists() else frozenset()
 
 
-def honest_figures(finals: Mapping[int, float | None], attackers: Iterable[int]) -> dict[str, Any]:
-    """Final test UA over the honest peers only: what an attack costs the peers that do not attack."""
+def honest_figures(finals: Mapping[int, float | None], attackers: Iterable[int],
+                   task: Task = CLASSIFICATION) -> dict[str, Any]:
+    """The final test metric over the honest peers only: what an attack costs the peers that do not attack
+    (``honest_test_ua_mean`` ... for classification)."""
     attackers = sorted(set(attackers))
     honest = [v for p, v in finals.items() if p not in attackers and v is not None]
     return {
         "attackers": attackers,
         "honest_peers": sum(1 for p in finals if p not in attackers),
-        "honest_test_ua_mean": float(np.mean(honest)) if honest else None,
-        "honest_test_ua_min": float(np.min(honest)) if honest else None,
+        f"honest_{task.test_key()}_mean": float(np.mean(honest)) if honest else None,
+        f"honest_{task.test_key()}_min": float(np.min(honest)) if honest else None,
     }
 
 
 def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
-              ua_average_model: float | None = None, attackers: Iterable[int] | None = None) -> dict[str, Any]:
+              average_model: float | None = None, attackers: Iterable[int] | None = None,
+              task: Task = CLASSIFICATION) -> dict[str, Any]:
     """Write ``summary.json`` and the plots; return the summary.
+
+    Figures are the task's primary metric (``ua_mean`` ... for classification); ``average_model`` is that
+    metric for the average of the peers' final models.
 
     ``attackers`` (an experiment's Byzantine peers; None: read them from the run folder's ``config.toml``
     if there is one) adds the honest-peer figures of ``honest_figures``; without attackers the summary has
@@ -108,38 +126,40 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
     attackers = run_attackers(run_dir) if attackers is None else frozenset(attackers)
     metrics = read_metrics(run_dir)
     status = read_status(run_dir)
-    finals = {p: final_value(rows, "test_ua") for p, rows in metrics.items()}
+    finals = {p: final_value(rows, task.test_key()) for p, rows in metrics.items()}
     uas = [v for v in finals.values() if v is not None]
     consensus = {r: float(np.mean(v)) for r, v in per_round(metrics, "consensus_distance").items()}
     sent = {p: int(rows[-1]["bytes_sent"]) if rows else 0 for p, rows in metrics.items()}
     summary = dict(base) | {
         "peers": len(metrics),
         "rounds": max((int(rows[-1]["round"]) + 1 for rows in metrics.values() if rows), default=0),
-        "ua_mean": float(np.mean(uas)) if uas else None,
-        "ua_min": float(np.min(uas)) if uas else None,
-        "ua_max": float(np.max(uas)) if uas else None,
-        "ua_average_model": ua_average_model,
+        task.summary_key("mean"): float(np.mean(uas)) if uas else None,
+        task.summary_key("min"): float(np.min(uas)) if uas else None,
+        task.summary_key("max"): float(np.max(uas)) if uas else None,
+        task.summary_key("average_model"): average_model,
         "consensus_distance_first": next(iter(consensus.values()), None),
         "consensus_distance_last": next(reversed(consensus.values()), None) if consensus else None,
         "bytes_sent_total": int(sum(sent.values())),
         "bytes_sent_max_peer": int(max(sent.values(), default=0)),
         "wall_s": round(wall_s, 2),
         "per_peer": [
-            {"peer": p, "ua": finals[p], "bytes_sent": sent[p], "rounds": len(metrics[p]),
+            {"peer": p, task.primary: finals[p], "bytes_sent": sent[p], "rounds": len(metrics[p]),
              "state": status.get(p, {}).get("state"), "error": status.get(p, {}).get("error")}
             for p in sorted(metrics)
         ],
         "consensus_distance_per_round": consensus,
-        "ua_mean_per_round": {r: float(np.mean(v)) for r, v in per_round(metrics, "test_ua").items()},
+        task.summary_key("mean_per_round"): {r: float(np.mean(v))
+                                             for r, v in per_round(metrics, task.test_key()).items()},
     }
     if attackers:
-        summary |= honest_figures(finals, attackers)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot_run(run_dir, metrics, consensus)
+        summary |= honest_figures(finals, attackers, task)
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+    plot_run(run_dir, metrics, consensus, task)
     return summary
 
 
-def plot_run(run_dir: Path, metrics: dict[int, list[dict]], consensus: dict[int, float]) -> None:
+def plot_run(run_dir: Path, metrics: dict[int, list[dict]], consensus: dict[int, float],
+             task: Task = CLASSIFICATION) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,10 +167,10 @@ def plot_run(run_dir: Path, metrics: dict[int, list[dict]], consensus: dict[int,
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for peer, rows in sorted(metrics.items()):
-        pts = [(r["round"], r["test_ua"]) for r in rows if r.get("test_ua") is not None]
+        pts = [(r["round"], r[task.test_key()]) for r in rows if r.get(task.test_key()) is not None]
         if pts:
             ax.plot(*zip(*pts), lw=0.8, alpha=0.7)
-    ax.set(xlabel="round", ylabel="test UA", title="Test UA of each peer's model")
+    ax.set(xlabel="round", ylabel=f"test {task.label()}", title=f"Test {task.label()} of each peer's model")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "ua_per_peer.png", dpi=110)
@@ -168,9 +188,10 @@ def plot_run(run_dir: Path, metrics: dict[int, list[dict]], consensus: dict[int,
     plt.close(fig)
 
 
-def average_model_ua(run_dir: Path, model_name: str, seed: int,
-                     test: tuple[np.ndarray, np.ndarray, np.ndarray], classes: list[str]) -> float | None:
-    """UA of the plain average of all peers' final models: how good the consensus model is.
+def average_model_score(run_dir: Path, model_name: str, seed: int,
+                        test: tuple[np.ndarray, np.ndarray, np.ndarray], classes: list[str],
+                        task: Task = CLASSIFICATION) -> float | None:
+    """The primary metric of the plain average of all peers' final models: how good the consensus model is.
 
     Each peer normalises inputs with its own statistics, so the average model is scored under peers'
     normalisers and the UAs are averaged: the figure a randomly chosen peer would see with that model.
@@ -179,7 +200,7 @@ def average_model_ua(run_dir: Path, model_name: str, seed: int,
 
     from p2pser.data.features import Normalizer
     from p2pser.learn.models import build_model
-    from p2pser.learn.trainer import evaluate
+    from p2pser.learn.trainer import predict_scores
 
     x_test, y_test, lengths = test
     saved = load_models(Path(run_dir))
@@ -194,5 +215,15 @@ def average_model_ua(run_dir: Path, model_name: str, seed: int,
     model.load_state_dict(state)
     # At most 16 normalisers, spread over the peers: enough for the mean, cheap with hundreds of peers.
     norms = [norm for _, _, norm in saved[:: max(1, len(saved) // 16)]]
-    uas = [evaluate(model, Normalizer.from_dict(norm).apply(x_test, lengths), y_test, classes)["ua"] for norm in norms]
-    return float(np.mean(uas))
+    scores = [task.score(y_test, predict_scores(model, Normalizer.from_dict(norm).apply(x_test, lengths)),
+                         classes)[task.primary] for norm in norms]
+    return float(np.mean(scores))
+
+
+def report_run(run_dir: Path, base: dict[str, Any], cfg, test: tuple[np.ndarray, np.ndarray, np.ndarray],
+               classes: list[str], *, wall_s: float, attackers: Iterable[int] | None = None,
+               task: Task = CLASSIFICATION) -> dict[str, Any]:
+    """The report of a finished run folder, whichever way it ran (simulate, launch, launch-hosts, Slurm):
+    score the average of the peers' final models on ``test``, then ``summarize``."""
+    average = average_model_score(run_dir, cfg.model, cfg.seed, test, classes, task)
+    return summarize(run_dir, base, wall_s=wall_s, average_model=average, attackers=attackers, task=task)

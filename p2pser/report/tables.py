@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from p2pser.learn.tasks import CLASSIFICATION, Task
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -13,9 +15,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_summary(summary: dict[str, Any], out_dir: str) -> None:
-    keys = ["mode", "algorithm", "topology", "peers", "rounds", "ua_mean", "ua_min", "ua_average_model",
-            "consensus_distance_first", "consensus_distance_last", "bytes_sent_max_peer", "wall_s"]
+def print_summary(summary: dict[str, Any], out_dir: str, task: Task = CLASSIFICATION) -> None:
+    keys = ["mode", "algorithm", "topology", "peers", "rounds", task.summary_key("mean"), task.summary_key("min"),
+            task.summary_key("average_model"), "consensus_distance_first", "consensus_distance_last",
+            "bytes_sent_max_peer", "wall_s"]
     width = max(len(k) for k in keys)
     for k in keys:
         if k in summary:

@@ -28,7 +28,7 @@ from p2pser.files import temporary_of, write_atomically
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.npz"
-FORMAT = 1
+FORMAT = 2  # 2: learner state and algorithm state in their own entries
 _TREE = "__tree__"
 
 
@@ -37,8 +37,8 @@ class Checkpoint:
     next_round: int
     age: float
     meta: dict[str, Any]
-    model: dict[str, np.ndarray]
-    trainer: dict[str, Any]
+    learner: dict[str, Any]  # what the learner's ``checkpoint_state`` returned
+    algorithm_state: dict[str, Any]  # what the algorithm keeps across rounds (``Peer.algorithm_state``)
 
 
 def _flatten(value: Any, arrays: dict[str, np.ndarray]) -> Any:
@@ -74,18 +74,18 @@ def _unflatten(node: Any, arrays: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, peer: Peer, next_round: int, *, durable: bool = True) -> None:
-    """Write ``peer``'s full learning state atomically. ``durable=False`` skips the fsyncs (the simulator:
-    a simulated crash is not an operating-system crash)."""
+    """Write ``peer``'s full learning state atomically: its position, its learner's state (for a torch
+    learner: ``model`` and ``trainer``) and what its algorithm declares as extra state. ``durable=False``
+    skips the fsyncs (the simulator: a simulated crash is not an operating-system crash)."""
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     tree = {
         "format": FORMAT,
-        "meta": {"peer": peer.id, "model": peer.config.model, "features": peer.config.features,
-                 "algorithm": peer.config.algorithm, "samples": peer.samples},
+        "meta": {"peer": peer.id, "algorithm": peer.config.algorithm, **peer.learner.identity()},
         "next_round": int(next_round),
         "age": float(peer.age),
-        "model": _flatten(dict(peer.model.state_dict()), arrays),
-        "trainer": _flatten(peer.trainer.state_dict(), arrays),
+        "learner": _flatten(peer.learner.checkpoint_state(), arrays),
+        "algorithm_state": _flatten(dict(peer.algorithm_state), arrays),
     }
     arrays[_TREE] = np.frombuffer(json.dumps(tree).encode(), dtype=np.uint8)
     write_atomically(path, lambda fh: np.savez(fh, **arrays), durable=durable)
@@ -99,31 +99,30 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             tree = json.loads(bytes(archive[_TREE]).decode())
             if tree.get("format") != FORMAT:
                 raise ValueError(f"format {tree.get('format')!r}, this version reads {FORMAT}")
-            model = _unflatten(tree["model"], archive)
-            trainer = _unflatten(tree["trainer"], archive)
+            learner = _unflatten(tree["learner"], archive)
+            algorithm_state = _unflatten(tree["algorithm_state"], archive)
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise UserError(
             f"checkpoint {path} is damaged or not a p2pser checkpoint ({exc}); move it away to start this peer "
             "afresh, or pass --resume off"
         ) from None
     return Checkpoint(next_round=int(tree["next_round"]), age=float(tree["age"]), meta=tree["meta"],
-                      model={k: v.numpy() for k, v in model.items()}, trainer=trainer)
+                      learner=learner, algorithm_state=algorithm_state)
 
 
 def restore(peer: Peer, checkpoint: Checkpoint, source: str | Path) -> None:
     """Load ``checkpoint`` into ``peer``; one made for another peer, model or data is a ``UserError``."""
     meta = checkpoint.meta
-    want = {"peer": peer.id, "model": peer.config.model, "features": peer.config.features,
-            "samples": peer.samples}
+    want = {"peer": peer.id, **peer.learner.identity()}
     for key, value in want.items():
         if meta.get(key) != value:
             raise UserError(
                 f"checkpoint {source} was made with {key} {meta.get(key)!r}, this run has {value!r}: use the run "
                 "folder of this configuration, or pass --resume off to start afresh"
             )
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in checkpoint.model.items()}
-    peer.model.load_state_dict(state)
-    peer.trainer.load_state_dict(checkpoint.trainer)
+    peer.learner.restore(checkpoint.learner)
+    peer.algorithm_state.clear()
+    peer.algorithm_state.update(checkpoint.algorithm_state)
     peer.round = checkpoint.next_round
     peer.age = checkpoint.age
 

@@ -1,0 +1,176 @@
+"""The learner seam: what a peer trains, evaluates, snapshots, sends and mixes, behind one interface.
+
+Algorithms, carriers, the codec and checkpoints speak to a ``Learner`` only. ``TorchLearner`` (a torch
+model, ``LocalTrainer`` and the peer's data) is the first implementation; a learner that is not a torch
+state_dict (an XGBoost ensemble) implements the same methods with its own state and mixing.
+
+Behaviour that cuts across learners wraps one instead of being edited into it: ``LearnerWrapper`` forwards
+everything, and a subclass overrides the one method it changes. A Byzantine attacker of an experiment
+(``p2pser.exchange.attacks.Attacking``) overrides ``outgoing``; speaker-level differential privacy would
+override ``outgoing`` and ``mix`` (clip and noise the change since the last mix).
+
+Example, a wrapper that halves what is sent and leaves the learner itself untouched::
+
+    class Halved(LearnerWrapper):
+        def outgoing(self, state, round_):
+            return {k: v / 2 for k, v in self.inner.outgoing(state, round_).items()}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from p2pser.files import write_atomically
+from p2pser.learn.data import PeerData
+from p2pser.learn.models import build_model
+from p2pser.learn.tasks import Task
+from p2pser.learn.trainer import LocalTrainer, TrainConfig, predict_scores
+from p2pser.report.run_folder import MODEL, NORMALIZER, write_json_atomic
+
+State = Mapping[str, np.ndarray]
+
+
+class Learner(Protocol):
+    """What a peer learns with. ``State`` is what crosses the wire: named numpy arrays whose names, shapes
+    and dtypes (``template``) every received message is checked against."""
+
+    task: Task
+    samples: int  # training examples: the weight of this learner in sample-weighted averages (fedavg)
+    template: dict[str, tuple[tuple[int, ...], np.dtype]]
+    timings: dict[str, float]  # seconds spent in "train" and "eval", to tell learning from overhead
+
+    def train(self, steps: int) -> float:
+        """Run ``steps`` local steps; return the mean training loss."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation and test metrics as row fields (``task.val_key()``, ``task.test_key(m)``)."""
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """A copy of the shared state (it must not change while being sent)."""
+
+    def load(self, state: State) -> None:
+        """Replace the shared state."""
+
+    def mix(self, own: State, own_weight: float, others: Sequence[Any], rule: Any) -> None:
+        """Combine ``own`` with the neighbours' contributions by ``rule`` and adopt the result."""
+
+    def outgoing(self, state: State, round_: int) -> State:
+        """What is sent of ``state`` in ``round_`` (the state itself for an honest, non-private learner)."""
+
+    def advance_to(self, step: int) -> None:
+        """Move the learning-rate schedule to ``step`` local steps (after catching up with neighbours)."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to resume: tensors, arrays and plain containers (no pickled objects)."""
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load what ``checkpoint_state`` returned."""
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be loaded by this learner (model, features, data size)."""
+
+    def save(self, folder: str | Path) -> None:
+        """Write what the report needs of this learner into the peer's folder (atomically)."""
+
+
+class TorchLearner:
+    """A torch model trained by ``LocalTrainer`` on one peer's data; its float parameters are the state."""
+
+    def __init__(self, data: PeerData, model_name: str, features: str, train_cfg: TrainConfig, task: Task, *,
+                 model_seed: int, trainer_seed: int, total_steps: int) -> None:
+        self.data = data
+        self.task = task
+        self.model_name = model_name
+        self.features = features
+        _, channels, frames = data.x_train.shape
+        # Every peer starts from the same initial weights (same seed): the usual D-PSGD set-up, and the
+        # consensus distance then measures only what training and mixing did.
+        self.model = build_model(model_name, channels, frames, len(data.classes), seed=model_seed)
+        self._float_params = {
+            name: t for name, t in self.model.state_dict().items() if torch.is_floating_point(t)
+        }
+        self.trainer = LocalTrainer(self.model, data.x_train, data.y_train, len(data.classes), train_cfg,
+                                    seed=trainer_seed, total_steps=total_steps)
+        self.samples = len(data.y_train)
+        self.template = {name: (value.shape, value.dtype) for name, value in self.snapshot().items()}
+        self.timings = {"train": 0.0, "eval": 0.0}
+
+    def train(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        loss = float(self.trainer.train_steps(steps))
+        self.timings["train"] += time.perf_counter() - t0
+        return loss
+
+    def evaluate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        data, task = self.data, self.task
+        row: dict[str, float] = {}
+        if len(data.y_val):
+            row[task.val_key()] = task.score(data.y_val, predict_scores(self.model, data.x_val),
+                                             data.classes)[task.primary]
+        if len(data.y_test):
+            report = task.score(data.y_test, predict_scores(self.model, data.test_inputs()), data.classes)
+            row.update(task.test_row(report))
+        self.timings["eval"] += time.perf_counter() - t0
+        return row
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return {name: t.detach().cpu().numpy().copy() for name, t in self._float_params.items()}
+
+    def load(self, state: State) -> None:
+        with torch.no_grad():
+            for name, t in self._float_params.items():
+                t.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
+
+    def mix(self, own: State, own_weight: float, others: Sequence[Any], rule: Any) -> None:
+        if others:
+            self.load(rule.mix(own, own_weight, others))
+
+    def outgoing(self, state: State, round_: int) -> State:
+        return state
+
+    def advance_to(self, step: int) -> None:
+        self.trainer.step = max(self.trainer.step, step)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"model": dict(self.model.state_dict()), "trainer": self.trainer.state_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        model = {k: torch.as_tensor(np.ascontiguousarray(v)) if not isinstance(v, torch.Tensor) else v
+                 for k, v in state["model"].items()}
+        self.model.load_state_dict(model)
+        self.trainer.load_state_dict(state["trainer"])
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.model_name, "features": self.features, "samples": self.samples}
+
+    def save(self, folder: str | Path) -> None:
+        """``model.npz`` (the shared parameters, no pickle) and ``normalizer.json`` (the statistics the
+        model's inputs were standardised with): what the report needs to score the average model."""
+        state = self.snapshot()
+        write_atomically(Path(folder) / MODEL, lambda fh: np.savez(fh, **state))
+        write_json_atomic(Path(folder) / NORMALIZER, self.data.normalizer.to_dict())
+
+
+class LearnerWrapper:
+    """Forwards every ``Learner`` method to ``inner``; subclasses override what they change."""
+
+    def __init__(self, inner: Learner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes and methods not overridden (task, samples, template, data, model ...) are the inner
+        # learner's; only called for names this wrapper does not define.
+        return getattr(self.inner, name)
+
+    def outgoing(self, state: State, round_: int) -> State:
+        return self.inner.outgoing(state, round_)
+
+    def mix(self, own: State, own_weight: float, others: Sequence[Any], rule: Any) -> None:
+        self.inner.mix(own, own_weight, others, rule)

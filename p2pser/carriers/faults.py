@@ -45,9 +45,13 @@ class Distribution:
         return float(p[0] * np.exp(rng.normal(0.0, p[1])))
 
 
+NEVER_STARTED = -1  # an outage's start for a peer that is down from the beginning (``PEER@start-``)
+
+
 @dataclass(frozen=True)
 class Outage:
-    """Peer ``peer`` is down from the end of its round ``start`` until the others reach round ``end``."""
+    """Peer ``peer`` is down from the end of its round ``start`` (``NEVER_STARTED``: from the beginning)
+    until the others reach round ``end``."""
 
     peer: int
     start: int
@@ -56,6 +60,8 @@ class Outage:
 
 def parse_churn(text: str | None, n_peers: int, *, rounds: int = 0, seed: int = 0) -> list[Outage]:
     """``"3@10-20,5@15-"``: peer 3 down after its round 10 and back at round 20; peer 5 gone from 15.
+    ``"7@start-"``: peer 7 never starts (``"7@start-12"``: it joins when the others reach round 12, catching
+    up like a restarted peer).
 
     ``"random:0.25"``: a seeded random quarter of the peers each crash once, after a round drawn from the
     first half of the ``rounds``, and come back 10-25% of the rounds later (the churn benchmark's schedule).
@@ -68,9 +74,11 @@ def parse_churn(text: str | None, n_peers: int, *, rounds: int = 0, seed: int = 
         try:
             peer_text, window = item.split("@")
             start_text, _, end_text = window.partition("-")
-            outage = Outage(int(peer_text), int(start_text), int(end_text) if end_text else None)
+            start = NEVER_STARTED if start_text == "start" else int(start_text)
+            outage = Outage(int(peer_text), start, int(end_text) if end_text else None)
         except ValueError:
-            raise UserError(f"churn entry {item!r} must look like PEER@START-END, PEER@START- or random:FRACTION") from None
+            raise UserError(f"churn entry {item!r} must look like PEER@START-END, PEER@START-, PEER@start- or "
+                            "random:FRACTION") from None
         if not 0 <= outage.peer < n_peers or (outage.end is not None and outage.end <= outage.start):
             raise UserError(f"churn entry {item!r}: peer must be 0..{n_peers - 1} and END after START")
         outages.append(outage)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from p2pser.carriers.faults import FaultPlan
+from p2pser.carriers import SEND_QUEUE_LIMIT
+from p2pser.carriers.faults import NEVER_STARTED, FaultPlan
 from p2pser.carriers.mailbox import Mailbox
 from p2pser.config import RunConfig
 from p2pser.exchange import algorithms
@@ -83,15 +84,29 @@ class Simulator:
             self.sim.append(_SimPeer(
                 peer=p, mailbox=Mailbox(p, MetricsWriter(folder / METRICS), checkpointer=checkpointer),
                 algorithm=algorithms.start(p, **self.placement), checkpointer=checkpointer,
+                alive=not self._absent_from_start(p.id),
             ))
+        # Messages queued towards a crashed peer, per (sender, receiver): like a real sender's socket queue,
+        # it holds SEND_QUEUE_LIMIT of them; further sends are dropped.
+        self._stranded: dict[tuple[int, int], int] = {}
+
+    def _absent_from_start(self, i: int) -> bool:
+        outage = self.outages.get(i)
+        return outage is not None and outage.start == NEVER_STARTED
+
+    def inject(self, at: float, to: int, sender: int, frames: list) -> None:
+        """Deliver ``frames`` to peer ``to`` at virtual time ``at`` as if peer ``sender`` sent them: hostile
+        or malformed input in a simulation, handled exactly as a real peer handles it."""
+        self._schedule(at, to, "deliver", (sender, frames))
 
     # -- event queue -----------------------------------------------------------------------------------
     def _schedule(self, at: float, peer: int, kind: str, payload: Any = None) -> None:
         heapq.heappush(self._queue, (at, next(self._seq), peer, self.sim[peer].epoch, kind, payload))
 
     def run(self) -> None:
-        for i in range(len(self.sim)):
-            self._schedule(0.0, i, "resume")
+        for i, s in enumerate(self.sim):
+            if s.alive:
+                self._schedule(0.0, i, "resume")
         self._progress = tqdm(total=len(self.sim) * self.cfg.rounds, desc="peer rounds", unit="round",
                               disable=not self.show_progress, leave=False)
         while self._queue:
@@ -144,16 +159,25 @@ class Simulator:
                 raise TypeError(f"unknown effect {effect!r}")
 
     def _send(self, i: int, effect: Send) -> None:
+        """As the real transport counts: ``bytes_sent`` for what entered the network, ``dropped`` for what
+        never did (an injected loss or partition, or a full queue towards a crashed peer)."""
         s = self.sim[i]
         size = _frame_bytes(effect.frames)
         for to in effect.to:
-            s.bytes_sent += size
             dest = self.sim[to]
             lost = self.faults.drop > 0 and self.rng.random() < self.faults.drop
-            if lost or self._partitioned(i, to) or not dest.alive:
+            if lost or self._partitioned(i, to):
                 s.dropped += 1
-                continue
-            self._schedule(self.now + self.faults.delay.sample(self.rng), to, "deliver", (i, effect.frames))
+            elif not dest.alive:
+                queued = self._stranded.get((i, to), 0)
+                if queued < SEND_QUEUE_LIMIT:
+                    self._stranded[(i, to)] = queued + 1
+                    s.bytes_sent += size
+                else:
+                    s.dropped += 1
+            else:
+                s.bytes_sent += size
+                self._schedule(self.now + self.faults.delay.sample(self.rng), to, "deliver", (i, effect.frames))
 
     def _partitioned(self, a: int, b: int) -> bool:
         window = self.faults.partition
@@ -216,6 +240,9 @@ class Simulator:
         neighbours' current models and rejoin at their round (``algorithms.catch_up``)."""
         s = self.sim[i]
         s.alive, s.done = True, False
+        # What was queued for it is gone with the old process's connections (a real restarted peer receives
+        # it and refuses it as stale, so it is never used either).
+        self._stranded = {link: n for link, n in self._stranded.items() if link[1] != i}
         # A restarted process starts with an empty mailbox (its counters too) and appends to its metrics.
         s.mailbox = Mailbox(s.peer, s.mailbox.metrics, checkpointer=s.checkpointer)
         s.checkpointer.resume()

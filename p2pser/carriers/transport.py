@@ -30,6 +30,7 @@ import zmq.auth.thread
 import zmq.utils.monitor
 import zmq.utils.z85
 
+from p2pser.carriers import SEND_QUEUE_LIMIT
 from p2pser.errors import UserError
 from p2pser.exchange.codec import DEFAULT_MAX_BYTES, MAX_HEADER_BYTES
 
@@ -131,7 +132,7 @@ class ZmqTransport:
         bind_endpoint: str,
         neighbours: Mapping[int, str],
         *,
-        queue_limit: int = 16,
+        queue_limit: int = SEND_QUEUE_LIMIT,
         linger_ms: int = 0,
         curve: CurveConfig | None = None,
         context: zmq.Context | None = None,

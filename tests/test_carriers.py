@@ -84,7 +84,7 @@ def run_realtime(tmp_path) -> dict[int, list[dict]]:
             mailbox = Mailbox(peer, MetricsWriter(tmp_path / f"peer-{peer.id}.jsonl"))
             RealtimeRunner(mailbox, transports[peer.id]).run(algorithms.start(peer))
             mailbox.metrics.close()
-        except BaseException as exc:  # reported by the main thread
+        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(p,)) for p in peers]

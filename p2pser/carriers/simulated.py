@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,11 @@ def _frame_bytes(frames: list) -> int:
 
 class Simulator:
     def __init__(self, peers: list[Peer], topology: Topology, cfg: RunConfig, faults: FaultPlan,
-                 out_dir: Path, *, progress: bool = False) -> None:
+                 out_dir: Path, *, progress: bool = False,
+                 on_record: Callable[[int, dict], None] | None = None) -> None:
+        """``on_record(peer, row)`` is told of every metrics row as it is recorded (measurements across
+        peers that only a simulation can make, such as the average model per round)."""
+        self.on_record = on_record
         self.topology = topology
         self.cfg = cfg
         self.faults = faults
@@ -212,6 +217,8 @@ class Simulator:
         self._progress.update(1)
         s.mailbox.record(row, elapsed=self.now, bytes_sent=s.bytes_sent, bytes_received=s.bytes_received,
                          dropped=s.dropped)
+        if self.on_record is not None:
+            self.on_record(i, row)
         self._maybe_rejoin_others(s.round)
         outage = self.outages.get(i)
         if outage is not None and outage.start == s.round and s.alive:

@@ -43,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     from p2pser.experiments.sweep import run_baseline, run_cases
     from p2pser.report.comparison import write_comparison
     from p2pser.report.run_folder import prepare_out_dir
+    from p2pser.report.summary import add_baseline
     from p2pser.report.tables import print_summary
 
     cases = _cases(args)
@@ -52,6 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     if cases[0].sim.baseline == "centralized":
         cfg = cases[0].run
         baseline = run_baseline(args.data_dir, cfg, summaries[0]["peers"], out / "baseline-centralized")
+        summaries = [add_baseline(out / s["label"] if len(summaries) > 1 else out, s, baseline)
+                     for s in summaries]
     for s in summaries:
         print(f"\n== {s['label']}")
         print_summary(s, str(Path(args.out) / (s["label"] if len(summaries) > 1 else "")))

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunConfig, faults: FaultPlan,
                  out_dir: Path, *, features=None, row_of=None, progress: bool = False) -> dict:
     """One simulated run into ``out_dir``; ``features`` may be passed in to share them across a sweep."""
+    from p2pser.report.average_model import AverageModelTracker
     from p2pser.report.summary import report_run
 
     start = time.monotonic()
@@ -36,7 +37,8 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         features, row_of = extract_for(plan, needed, cfg, progress=False)
     test = test_set(features, row_of, plan)
     peers = [build_peer(plan, topology, k, cfg, features, row_of, test) for k in range(topology.n)]
-    sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress)
+    tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes)
+    sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress, on_record=tracker.add)
     t0 = time.perf_counter()
     sim.run()
     loop_s = time.perf_counter() - t0
@@ -58,4 +60,5 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         "overhead_fraction": round(max(loop_s - training_s, 0.0) / max(loop_s, 1e-9), 4),
     }
     return report_run(out_dir, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,
+                      average_model_per_round=tracker.scores(),
                      attackers=attacking_peers(cfg))

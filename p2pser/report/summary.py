@@ -112,7 +112,8 @@ def honest_figures(finals: Mapping[int, float | None], attackers: Iterable[int],
 
 def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
               average_model: float | None = None, attackers: Iterable[int] | None = None,
-              task: Task = CLASSIFICATION) -> dict[str, Any]:
+              task: Task = CLASSIFICATION, average_model_per_round: Mapping[int, float] | None = None,
+              ) -> dict[str, Any]:
     """Write ``summary.json`` and the plots; return the summary.
 
     Figures are the task's primary metric (``ua_mean`` ... for classification); ``average_model`` is that
@@ -151,27 +152,46 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
         task.summary_key("mean_per_round"): {r: float(np.mean(v))
                                              for r, v in per_round(metrics, task.test_key()).items()},
     }
+    if average_model_per_round:
+        summary[task.summary_key("average_model_per_round")] = dict(average_model_per_round)
     if attackers:
         summary |= honest_figures(finals, attackers, task)
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
-    plot_run(run_dir, metrics, consensus, task)
+    plot_run(run_dir, summary, metrics, consensus, task)
     return summary
 
 
-def plot_run(run_dir: Path, metrics: dict[int, list[dict]], consensus: dict[int, float],
-             task: Task = CLASSIFICATION) -> None:
+def plot_run(run_dir: Path, summary: dict[str, Any], metrics: dict[int, list[dict]],
+             consensus: dict[int, float], task: Task = CLASSIFICATION) -> None:
+    """``ua_per_peer.png`` (each peer thin; the peers' mean and minimum, the average model per round where
+    the run measured it, and the pooled-data baseline where there is one) and ``consensus_distance.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     for peer, rows in sorted(metrics.items()):
         pts = [(r["round"], r[task.test_key()]) for r in rows if r.get(task.test_key()) is not None]
         if pts:
-            ax.plot(*zip(*pts), lw=0.8, alpha=0.7)
+            ax.plot(*zip(*pts), lw=0.6, alpha=0.35, color="tab:blue")
+    by_round = per_round(metrics, task.test_key())
+    if by_round:
+        ax.plot(list(by_round), [np.mean(v) for v in by_round.values()], lw=2, color="tab:blue",
+                label="mean of the peers")
+        ax.plot(list(by_round), [np.min(v) for v in by_round.values()], lw=1.2, ls=":", color="tab:blue",
+                label="worst peer")
+    average = summary.get(task.summary_key("average_model_per_round"))
+    if average:
+        ax.plot([int(r) for r in average], list(average.values()), lw=2, color="tab:green",
+                label="average of the peers' models")
+    baseline = summary.get(f"baseline_centralized_{task.primary}")
+    if baseline is not None:
+        ax.axhline(baseline, color="k", ls="--", lw=1.2, label=f"pooled training ({100 * baseline:.1f}%)")
     ax.set(xlabel="round", ylabel=f"test {task.label()}", title=f"Test {task.label()} of each peer's model")
     ax.grid(alpha=0.3)
+    if by_round or baseline is not None:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(run_dir / "ua_per_peer.png", dpi=110)
     plt.close(fig)
@@ -188,42 +208,31 @@ def plot_run(run_dir: Path, metrics: dict[int, list[dict]], consensus: dict[int,
     plt.close(fig)
 
 
-def average_model_score(run_dir: Path, model_name: str, seed: int,
-                        test: tuple[np.ndarray, np.ndarray, np.ndarray], classes: list[str],
-                        task: Task = CLASSIFICATION) -> float | None:
-    """The primary metric of the plain average of all peers' final models: how good the consensus model is.
-
-    Each peer normalises inputs with its own statistics, so the average model is scored under peers'
-    normalisers and the UAs are averaged: the figure a randomly chosen peer would see with that model.
-    """
-    import torch
-
-    from p2pser.data.features import Normalizer
-    from p2pser.learn.models import build_model
-    from p2pser.learn.trainer import predict_scores
-
-    x_test, y_test, lengths = test
-    saved = load_models(Path(run_dir))
-    if not saved or len(y_test) == 0:
-        return None
-    names = saved[0][1].keys()
-    mean = {k: np.mean([params[k] for _, params, _ in saved], axis=0) for k in names}
-    model = build_model(model_name, x_test.shape[1], x_test.shape[2], len(classes), seed=seed)
-    state = model.state_dict()
-    for k, v in mean.items():
-        state[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
-    model.load_state_dict(state)
-    # At most 16 normalisers, spread over the peers: enough for the mean, cheap with hundreds of peers.
-    norms = [norm for _, _, norm in saved[:: max(1, len(saved) // 16)]]
-    scores = [task.score(y_test, predict_scores(model, Normalizer.from_dict(norm).apply(x_test, lengths)),
-                         classes)[task.primary] for norm in norms]
-    return float(np.mean(scores))
-
-
 def report_run(run_dir: Path, base: dict[str, Any], cfg, test: tuple[np.ndarray, np.ndarray, np.ndarray],
                classes: list[str], *, wall_s: float, attackers: Iterable[int] | None = None,
-               task: Task = CLASSIFICATION) -> dict[str, Any]:
+               task: Task = CLASSIFICATION, average_model_per_round: Mapping[int, float] | None = None,
+               ) -> dict[str, Any]:
     """The report of a finished run folder, whichever way it ran (simulate, launch, launch-hosts, Slurm):
     score the average of the peers' final models on ``test``, then ``summarize``."""
+    from p2pser.report.average_model import average_model_score
+
     average = average_model_score(run_dir, cfg.model, cfg.seed, test, classes, task)
-    return summarize(run_dir, base, wall_s=wall_s, average_model=average, attackers=attackers, task=task)
+    return summarize(run_dir, base, wall_s=wall_s, average_model=average, attackers=attackers, task=task,
+                     average_model_per_round=average_model_per_round)
+
+
+def add_baseline(run_dir: str | Path, summary: dict[str, Any], baseline: Mapping[str, Any],
+                 task: Task = CLASSIFICATION) -> dict[str, Any]:
+    """Put the pooled-data baseline of the same run beside the peers: ``baseline_centralized_ua`` and
+    ``gap_to_centralized`` (baseline minus the peers' mean, in the task's units) in ``summary.json``, and
+    the baseline as a reference line in ``ua_per_peer.png``."""
+    run_dir = Path(run_dir)
+    value = float(baseline[task.primary])
+    mean = summary.get(task.summary_key("mean"))
+    summary = summary | {f"baseline_centralized_{task.primary}": value,
+                         "gap_to_centralized": None if mean is None else value - mean}
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+    metrics = read_metrics(run_dir)
+    consensus = {int(r): v for r, v in summary.get("consensus_distance_per_round", {}).items()}
+    plot_run(run_dir, summary, metrics, consensus, task)
+    return summary

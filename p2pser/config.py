@@ -19,7 +19,7 @@ from typing import Any
 
 from p2pser.errors import UserError
 
-ALGORITHMS = ("dpsgd", "gossip", "fedavg")
+ALGORITHMS = ("dpsgd", "kgt", "gossip", "fedavg")  # the registry in p2pser.exchange.algorithms, by name
 PARTITIONS = ("speaker", "dirichlet", "iid")
 SECURITY = ("auto", "on", "off")
 RESUME = ("auto", "off")
@@ -45,6 +45,9 @@ class RunConfig:
     algorithm: str = field(default="dpsgd", **_opt("learning algorithm", choices=ALGORITHMS))
     rounds: int = field(default=30, **_opt("rounds (dpsgd, fedavg) or local update blocks (gossip)"))
     local_steps: int = field(default=8, **_opt("minibatch SGD steps between two exchanges"))
+    final_mixing: int = field(
+        default=0, **_opt("dpsgd, kgt: averaging rounds without local steps after --rounds, so peers end on one model")
+    )
     batch_size: int = field(default=16, **_opt("minibatch size of local training"))
     lr: float | None = field(default=None, **_opt("learning rate of local training (default: the model's recipe)"))
     partition: str = field(default="speaker", **_opt("how training data is split into peers", choices=PARTITIONS))
@@ -99,7 +102,7 @@ class RunConfig:
         for name in ("lr", "alpha", "round_timeout", "startup_timeout", "max_seconds"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "trim", "clip_radius"):
+        for name in ("checkpoint_every", "trim", "clip_radius", "final_mixing"):
             if getattr(self, name) < 0:
                 raise UserError(f"config key '{name}' must not be negative, got {getattr(self, name)}")
         self.attacker_ids()  # a malformed list fails on load, not in the middle of a run

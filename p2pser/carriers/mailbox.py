@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from p2pser.exchange.algorithms import spec_of
+from p2pser.exchange.algorithms import schedule_length, spec_of
 from p2pser.exchange.checkpoint import Checkpointer
 from p2pser.exchange.codec import CodecError, Decoder, Message
 from p2pser.exchange.effects import Gather, Gathered
@@ -33,9 +33,11 @@ log = logging.getLogger(__name__)
 class Mailbox:
     def __init__(self, peer: Peer, metrics: MetricsWriter, *, checkpointer: Checkpointer | None = None) -> None:
         self.peer = peer
-        self.synchronous = spec_of(peer.config.algorithm).synchronous
-        self.decoder = Decoder(peer.template)
-        self.inbox = Inbox(peer.neighbours, rounds=peer.config.rounds)
+        spec = spec_of(peer.config.algorithm)
+        self.synchronous = spec.synchronous
+        # Models carry what the algorithm sends with them; answers to a pull carry the learner's state alone.
+        self.decoder = Decoder(peer.template, templates={"model": spec.message_template(peer.template)})
+        self.inbox = Inbox(peer.neighbours, rounds=schedule_length(peer.config))
         self.metrics = metrics
         self.checkpointer = checkpointer
         self.rejected = 0  # messages received and refused (undecodable, wrong sender, stale, foreign ...)

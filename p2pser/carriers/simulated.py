@@ -112,7 +112,7 @@ class Simulator:
         for i, s in enumerate(self.sim):
             if s.alive:
                 self._schedule(0.0, i, "resume")
-        self._progress = tqdm(total=len(self.sim) * self.cfg.rounds, desc="peer rounds", unit="round",
+        self._progress = tqdm(total=len(self.sim) * algorithms.schedule_length(self.cfg), desc="peer rounds", unit="round",
                               disable=not self.show_progress, leave=False)
         while self._queue:
             at, _, i, epoch, kind, payload = heapq.heappop(self._queue)

@@ -11,8 +11,9 @@ and which extra state it keeps in ``Peer.algorithm_state`` (checkpointed with th
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from p2pser.config import ALGORITHMS as ALGORITHM_NAMES
 from p2pser.exchange.codec import Message
 from p2pser.exchange.effects import Compute, Drain, Gather, Gathered, Record, Send
 from p2pser.exchange.liveness import Deadlines
+from p2pser.exchange.mixing import Contribution
 from p2pser.exchange.peer import Peer
 from p2pser.exchange.topology import Topology
 
@@ -61,12 +63,18 @@ class _StopRule:
         )
 
 
-def _row(peer: Peer, round_: int, loss: float, distance: float | None, heard: Sequence[int]) -> dict:
+def _row(peer: Peer, round_: int, loss: float | None, distance: float | None, heard: Sequence[int]) -> dict:
     cfg = peer.config
     row = {"peer": peer.id, "round": round_, "loss": loss, "consensus_distance": distance, "heard": len(heard)}
-    if (round_ + 1) % cfg.eval_every == 0 or round_ + 1 == cfg.rounds:
+    if (round_ + 1) % cfg.eval_every == 0 or round_ + 1 == schedule_length(cfg):
         row.update(peer.evaluate())
     return row
+
+
+def schedule_length(cfg) -> int:
+    """Rounds in the schedule: the training rounds, then the final averaging rounds of the algorithms that
+    have them (``final_mixing``: no local steps, neighbours' models averaged until the peers agree)."""
+    return cfg.rounds + (cfg.final_mixing if ALGORITHMS[cfg.algorithm].final_mixing else 0)
 
 
 def _suspects_after(suspects: set[int], neighbours: Sequence[int], got: Gathered) -> set[int]:
@@ -75,37 +83,81 @@ def _suspects_after(suspects: set[int], neighbours: Sequence[int], got: Gathered
     return (suspects | missing) - set(got.heard) - set(got.messages)
 
 
-def dpsgd(peer: Peer, start_round: int = 0) -> Algorithm:
+def dpsgd(peer: Peer, start_round: int = 0, *, tracking: bool = False) -> Algorithm:
     """Synchronous D-PSGD: local steps, send to all neighbours, wait for their model of the same round up to
     a deadline, then average with Metropolis-Hastings weights renormalised over what arrived.
 
     A neighbour that missed a whole deadline is not waited for again until it is heard from, so a dead
     neighbour costs one timeout, not one per round; with ``liveness = "adaptive"`` that timeout is a few
     normal round times (``p2pser.exchange.liveness``) rather than the whole ``round_timeout``.
+
+    After ``rounds`` training rounds come ``final_mixing`` rounds without local steps: plain averaging, so
+    the peers end holding (nearly) one model instead of as many as there are peers.
+
+    ``tracking`` is K-GT, gradient tracking with local steps (Liu et al. 2023, "Decentralized gradient
+    tracking with local steps", arXiv:2301.01313): every local step is corrected by ``c``, the difference
+    between the neighbourhood's average update direction and our own in the previous round, which cancels
+    the pull of each peer's own speakers (client drift). Each model message carries our update direction
+    ``z`` too (``track/`` tensors), so it costs twice the bytes.
     """
     cfg = peer.config
     stop = _StopRule(cfg, peer.learner.task.val_key())
     suspects: set[int] = set()
     deadlines = Deadlines.from_config(cfg, peer.id)
+    total = schedule_length(cfg)
     r = start_round
-    while r < cfg.rounds:
+    while r < total:
         peer.round = r
-        loss = peer.local_update(cfg.local_steps)
-        yield Compute(cfg.local_steps)
+        training = r < cfg.rounds
+        start = peer.snapshot() if tracking else None
+        loss = None
+        if training:
+            loss = peer.local_update(cfg.local_steps, correction=peer.algorithm_state.get("correction"))
+            yield Compute(cfg.local_steps)
         own = peer.snapshot()
-        yield Send(tuple(peer.neighbours), peer.encode(own, r))
+        direction = _direction(peer, start, own) if tracking else None
+        yield Send(tuple(peer.neighbours), peer.encode(own, r, extra=_tracks(direction)))
         expect = frozenset(peer.neighbours) - suspects
         timeout = cfg.startup_timeout if r == start_round else deadlines.timeout(expect)
         got: Gathered = yield Gather("model", r, expect, timeout)
         deadlines.observe(got.waits, expect - set(got.messages))
         suspects = _suspects_after(suspects, peer.neighbours, got)
         distance = peer.mix(own, got.messages, peer.mix_weights)
+        if tracking and training:
+            _track(peer, direction, got.messages)
         row = _row(peer, r, loss, distance, list(got.messages)) | deadlines.row(timeout, got.waits)
         elapsed = yield Record(row)
         deadlines.round_ended(elapsed)
         if stop.done(row, elapsed):
             return
         r = yield from _next_round(peer, r, got)
+
+
+TRACK = "track/"
+
+
+def _direction(peer: Peer, start: dict[str, np.ndarray], end: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This round's average update direction, ``(start - end) / sum of learning rates`` (zero in a round
+    without training)."""
+    size = peer.learner.step_size()
+    if size <= 0:
+        return {k: np.zeros_like(v) for k, v in end.items()}
+    return {k: ((start[k] - end[k]) / size).astype(end[k].dtype) for k in end}
+
+
+def _tracks(direction: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    return None if direction is None else {TRACK + k: v for k, v in direction.items()}
+
+
+def _track(peer: Peer, direction: dict[str, np.ndarray], received: dict[int, Message]) -> None:
+    """K-GT's correction update: ``c += mix(z) - z``, the neighbourhood's average direction (through the
+    same mixing rule as the models, so a robust rule also bounds a lying tracker) minus ours."""
+    others = [Contribution(s, peer.mix_weights[s], {k: m.tensors[TRACK + k] for k in direction})
+              for s, m in sorted(received.items())]
+    mixed = peer.rule.mix(direction, peer.mix_weights[peer.id], others) if others else direction
+    correction = peer.algorithm_state.get("correction") or {k: np.zeros_like(v) for k, v in direction.items()}
+    peer.algorithm_state["correction"] = {
+        k: (correction[k] + mixed[k] - direction[k]).astype(direction[k].dtype) for k in direction}
 
 
 def fedavg(peer: Peer, start_round: int = 0, hub: int = 0) -> Algorithm:
@@ -210,7 +262,7 @@ def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
         yield Send(tuple(sorted(waiting)), peer.pull_request())
         got: Gathered = yield Gather("state", start_round, waiting, cfg.round_timeout / PULL_TRIES)
         for sender, message in got.messages.items():
-            if message.round < cfg.rounds:  # a round past the schedule's end is a lie or another run
+            if message.round < schedule_length(cfg):  # past the schedule's end: a lie or another run
                 answers[sender] = message
             else:
                 log.warning("peer %d: ignored %d's answer to our pull: round %d is past the schedule's end",
@@ -229,7 +281,7 @@ def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
     # Of several answers we follow the lower median, not the most advanced: a neighbour that ran ahead alone
     # (all its own neighbours silent) would otherwise drag us, and then ours, to the end of the schedule.
     rounds = sorted(m.round + 1 for m in answers.values())
-    round_ = max(start_round, rounds[(len(rounds) - 1) // 2])
+    round_ = min(max(start_round, rounds[(len(rounds) - 1) // 2]), schedule_length(cfg))
     peer.fast_forward(round_, max(m.age for m in answers.values()))
     log.info("peer %d: caught up from %d neighbour(s) at round %d (was at round %d)",
              peer.id, len(answers), round_, start_round)
@@ -246,6 +298,13 @@ class AlgorithmSpec:
     needs_hub: bool = False  # star-shaped: one peer linked to every other gathers and answers
     state: tuple[str, ...] = ()  # keys it keeps in Peer.algorithm_state across rounds (checkpointed)
     summary: str = ""
+    final_mixing: bool = False  # runs the config's final_mixing rounds after training
+    extra_tensors: tuple[str, ...] = ()  # prefixes of tensor sets sent with the model (shaped like it)
+
+    def message_template(self, template: Mapping[str, Any]) -> dict[str, Any]:
+        """What this algorithm's ``model`` messages carry: the learner's template and its extra tensor sets."""
+        return dict(template) | {prefix + name: spec for prefix in self.extra_tensors
+                                 for name, spec in template.items()}
 
     def placement(self, topology: Topology) -> dict[str, int]:
         """Keyword arguments a peer of ``topology`` runs this algorithm with (the hub, if it needs one);
@@ -256,8 +315,12 @@ class AlgorithmSpec:
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     spec.name: spec
     for spec in (
-        AlgorithmSpec("dpsgd", dpsgd, synchronous=True,
+        AlgorithmSpec("dpsgd", dpsgd, synchronous=True, final_mixing=True,
                       summary="synchronous D-PSGD: local steps, then a Metropolis-Hastings average of neighbours"),
+        AlgorithmSpec("kgt", functools.partial(dpsgd, tracking=True), synchronous=True, final_mixing=True,
+                      state=("correction",), extra_tensors=(TRACK,),
+                      summary="D-PSGD with K-GT gradient tracking: local steps corrected towards the "
+                              "neighbourhood's update direction (twice the bytes)"),
         AlgorithmSpec("gossip", gossip, synchronous=False,
                       summary="asynchronous gossip learning: push to one random neighbour, merge by model age"),
         AlgorithmSpec("fedavg", fedavg, synchronous=True, needs_hub=True,
@@ -275,7 +338,7 @@ def spec_of(name: str) -> AlgorithmSpec:
 def start(peer: Peer, start_round: int = 0, *, resumed: bool = False, **placement: int) -> Algorithm:
     """The configured algorithm from ``start_round`` with its ``placement`` (see ``AlgorithmSpec``);
     ``resumed`` (restarted from a checkpoint) catches up with the neighbours first."""
-    if resumed and start_round < peer.config.rounds:
+    if resumed and start_round < schedule_length(peer.config):
         return _resumed(peer, start_round, placement)
     return ALGORITHMS[peer.config.algorithm].run(peer, start_round, **placement)
 

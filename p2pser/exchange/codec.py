@@ -244,15 +244,20 @@ def _str_list(header: dict, key: str, count: int) -> list[str]:
 class Decoder:
     """Validates and decodes received frames into a ``Message``.
 
-    ``template`` (see ``template_of``) is what model messages must carry exactly: the same tensor names,
+    ``template`` (see ``template_of``) is what tensor messages must carry exactly: the same tensor names,
     shapes and dtypes as the local model. ``None`` accepts any model layout within the limits (for tools).
-    ``max_bytes`` bounds the tensor bytes of one message.
+    ``templates`` overrides it per message kind (an algorithm that sends more than the model with each
+    ``model`` message, while ``state`` answers carry the model alone). ``max_bytes`` bounds the tensor bytes
+    of one message.
     """
 
-    def __init__(self, template: Template | None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self.template = None if template is None else {
-            name: (tuple(int(d) for d in shape), np.dtype(dtype)) for name, (shape, dtype) in template.items()
-        }
+    def __init__(self, template: Template | None, *, templates: Mapping[str, Template] | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        def normal(t: Template) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+            return {name: (tuple(int(d) for d in shape), np.dtype(dtype)) for name, (shape, dtype) in t.items()}
+
+        self.template = None if template is None else normal(template)
+        self.templates = {kind: normal(t) for kind, t in (templates or {}).items()}
         self.max_bytes = max_bytes
 
     def _header(self, frame: Any) -> dict[str, Any]:
@@ -318,8 +323,9 @@ class Decoder:
         sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes)]
         if sum(sizes) > self.max_bytes:
             raise CodecError("oversize", f"{sum(sizes)} tensor bytes, at most {self.max_bytes}")
-        if kind in TENSOR_KINDS and self.template is not None:
-            self._match_template(names, shapes, dtypes)
+        template = self.templates.get(kind, self.template)
+        if kind in TENSOR_KINDS and template is not None:
+            self._match_template(template, names, shapes, dtypes)
         if len(frames) != 1 + count:
             raise CodecError("frames", f"{len(frames)} frames for {count} tensors; expected {1 + count}")
         buffers = [_buffer(f) for f in frames[1:]]
@@ -351,15 +357,16 @@ class Decoder:
             shapes.append(tuple(shape))
         return shapes
 
-    def _match_template(self, names: list[str], shapes: list[tuple[int, ...]], dtypes: list[np.dtype]) -> None:
-        assert self.template is not None
-        if set(names) != self.template.keys():
-            missing = sorted(self.template.keys() - set(names))[:3]
-            extra = sorted(set(names) - self.template.keys())[:3]
+    @staticmethod
+    def _match_template(template: dict, names: list[str], shapes: list[tuple[int, ...]],
+                        dtypes: list[np.dtype]) -> None:
+        if set(names) != template.keys():
+            missing = sorted(template.keys() - set(names))[:3]
+            extra = sorted(set(names) - template.keys())[:3]
             raise CodecError("template", f"tensor names differ from the local model: missing {missing}, "
                                          f"unexpected {extra}")
         for name, shape, dtype in zip(names, shapes, dtypes):
-            want_shape, want_dtype = self.template[name]
+            want_shape, want_dtype = template[name]
             if shape != want_shape or dtype != want_dtype:
                 raise CodecError("template", f"tensor {name!r} is {dtype.name}{list(shape)}, the local model "
                                              f"has {want_dtype.name}{list(want_shape)}")

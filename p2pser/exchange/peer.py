@@ -66,8 +66,8 @@ class Peer:
     def snapshot(self) -> dict[str, np.ndarray]:
         return self.learner.snapshot()
 
-    def local_update(self, steps: int) -> float:
-        return self.learner.train(steps)
+    def local_update(self, steps: int, correction: Mapping[str, np.ndarray] | None = None) -> float:
+        return self.learner.train(steps, correction)
 
     def evaluate(self) -> dict[str, float]:
         return self.learner.evaluate()
@@ -75,13 +75,16 @@ class Peer:
     def fast_forward(self, round_: int, age: float = 0.0) -> None:
         """Jump to ``round_`` (after catching up with neighbours): the learning-rate schedule and the model
         age follow, so we continue where they are, not where our checkpoint was."""
-        self.round = min(round_, self.config.rounds)
+        self.round = round_
         self.age = max(self.age, age)
         self.learner.advance_to(round_ * self.config.local_steps)
 
-    def encode(self, state: Mapping[str, np.ndarray], round_: int, *, age: float = 0.0, kind: str = "model") -> list:
-        return encode(self.learner.outgoing(state, round_), sender=self.id, round=round_, samples=self.samples,
-                      age=age, kind=kind)
+    def encode(self, state: Mapping[str, np.ndarray], round_: int, *, age: float = 0.0, kind: str = "model",
+               extra: Mapping[str, np.ndarray] | None = None) -> list:
+        """Frames of what we send of ``state`` (as the learner lets it out) and the algorithm's ``extra``
+        tensors (a tracker)."""
+        tensors = dict(self.learner.outgoing(state, round_)) | dict(extra or {})
+        return encode(tensors, sender=self.id, round=round_, samples=self.samples, age=age, kind=kind)
 
     def pull_request(self) -> list:
         """Ask neighbours for their current parameters (after a restart, to catch up at once)."""
@@ -98,7 +101,7 @@ class Peer:
 
         Returns the consensus distance to the neighbours heard, measured before mixing (None if none).
         """
-        others = [Contribution(s, weights[s], m.tensors) for s, m in sorted(received.items())]
+        others = [Contribution(s, weights[s], {k: m.tensors[k] for k in own}) for s, m in sorted(received.items())]
         distance = consensus_distance(own, [c.state for c in others])
         self.learner.mix(own, weights[self.id], others, self.rule)
         return distance

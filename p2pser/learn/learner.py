@@ -45,8 +45,13 @@ class Learner(Protocol):
     template: dict[str, tuple[tuple[int, ...], np.dtype]]
     timings: dict[str, float]  # seconds spent in "train" and "eval", to tell learning from overhead
 
-    def train(self, steps: int) -> float:
-        """Run ``steps`` local steps; return the mean training loss."""
+    def train(self, steps: int, correction: State | None = None) -> float:
+        """Run ``steps`` local steps; return the mean training loss. ``correction`` (named like the state)
+        is a drift correction applied at every step (gradient tracking)."""
+
+    def step_size(self) -> float:
+        """How far the last ``train`` call could move the state per unit of update direction (the sum of
+        its learning rates): turns a change of state into an average update direction."""
 
     def evaluate(self) -> dict[str, float]:
         """Validation and test metrics as row fields (``task.val_key()``, ``task.test_key(m)``)."""
@@ -101,11 +106,20 @@ class TorchLearner:
         self.template = {name: (value.shape, value.dtype) for name, value in self.snapshot().items()}
         self.timings = {"train": 0.0, "eval": 0.0}
 
-    def train(self, steps: int) -> float:
+    def train(self, steps: int, correction: State | None = None) -> float:
         t0 = time.perf_counter()
-        loss = float(self.trainer.train_steps(steps))
+        self.trainer.correction = None if correction is None else {
+            name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in correction.items()
+            if name in self.trainer.named_parameters}
+        try:
+            loss = float(self.trainer.train_steps(steps))
+        finally:
+            self.trainer.correction = None
         self.timings["train"] += time.perf_counter() - t0
         return loss
+
+    def step_size(self) -> float:
+        return self.trainer.last_lr_sum
 
     def evaluate(self) -> dict[str, float]:
         t0 = time.perf_counter()

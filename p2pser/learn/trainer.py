@@ -192,6 +192,11 @@ class LocalTrainer:
             self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
         self.step = 0
         self.epoch = 0
+        # A drift correction (gradient tracking, p2pser.exchange.algorithms.kgt): after every optimiser step
+        # each named parameter also moves by -lr * correction. None: plain local training.
+        self.correction: dict[str, torch.Tensor] | None = None
+        self.named_parameters = dict(model.named_parameters())
+        self.last_lr_sum = 0.0  # sum of the learning rates of the last train_steps call
         self._np_rng = np.random.default_rng(seed)
         self._perm = self._np_rng.permutation(self._n)
         self._pos = 0
@@ -238,13 +243,21 @@ class LocalTrainer:
         loss = self._loss(scores, yb)
         if lam < 1.0:
             loss = lam * loss + (1 - lam) * self._loss(scores, yb[other])
+        lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        if self.correction is not None:
+            # In parameter space, after the optimiser: the same as correcting the gradient for plain SGD,
+            # and still a correction in the optimiser's own units for AdamW or momentum.
+            with torch.no_grad():
+                for name, c in self.correction.items():
+                    self.named_parameters[name].add_(c, alpha=-lr)
+        self.last_lr_sum += lr
         self.step += 1
         return float(loss.detach())
 
@@ -253,6 +266,7 @@ class LocalTrainer:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.model.train()
+        self.last_lr_sum = 0.0
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._torch_rng)
             losses = [self._one_step() for _ in range(n)]

@@ -26,6 +26,8 @@ RESUME = ("auto", "off")
 LIVENESS = ("adaptive", "fixed")
 MIXINGS = ("average", "clipped", "trimmed")
 ATTACKS = ("none", "sign-flip", "scale", "random")
+OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
 
 
 def _opt(help_text: str, **choices: Any) -> dict:
@@ -50,6 +52,15 @@ class RunConfig:
     )
     batch_size: int = field(default=16, **_opt("minibatch size of local training"))
     lr: float | None = field(default=None, **_opt("learning rate of local training (default: the model's recipe)"))
+    optimizer: str | None = field(
+        default=None, **_opt("local optimiser (default: the model's recipe)", choices=OPTIMIZERS)
+    )
+    momentum: float | None = field(default=None, **_opt("sgd, quasi-global: momentum (default 0.9)"))
+    optimizer_state: str = field(
+        default="keep",
+        **_opt("the optimiser's local state after each averaging: keep it, reset it, or quasi-global momentum "
+               "(SGD whose momentum follows the averaged model's moves)", choices=OPTIMIZER_STATES),
+    )
     partition: str = field(default="speaker", **_opt("how training data is split into peers", choices=PARTITIONS))
     alpha: float = field(default=0.5, **_opt("Dirichlet concentration for --partition dirichlet"))
     val_fraction: float = field(default=0.15, **_opt("share of each peer's own data held back for validation"))
@@ -93,6 +104,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY),
+                              ("optimizer_state", OPTIMIZER_STATES),
                               ("resume", RESUME), ("liveness", LIVENESS), ("mixing", MIXINGS), ("attack", ATTACKS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -106,6 +118,10 @@ class RunConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"config key '{name}' must not be negative, got {getattr(self, name)}")
         self.attacker_ids()  # a malformed list fails on load, not in the middle of a run
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise UserError(f"config key 'optimizer': {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"config key 'momentum' must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
 
@@ -261,4 +277,9 @@ def train_config(cfg: RunConfig, **extra: Any):
     """
     from p2pser.learn.trainer import recommended_config
 
-    return recommended_config(cfg.model, batch_size=cfg.batch_size, lr=cfg.lr, **extra)
+    optimizer, momentum = cfg.optimizer, cfg.momentum
+    if cfg.optimizer_state == "quasi-global":
+        # The momentum lives outside the optimiser (p2pser.learn.learner.TorchLearner): plain SGD steps.
+        optimizer, momentum = "sgd", 0.0
+    return recommended_config(cfg.model, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=optimizer,
+                              momentum=momentum, **extra)

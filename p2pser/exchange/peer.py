@@ -116,6 +116,7 @@ def make_learner(data: PeerData, cfg: RunConfig, peer_id: int) -> Learner:
     learner: Learner = TorchLearner(
         data, cfg.model, cfg.features, train_config(cfg), task_named(),
         model_seed=cfg.seed, trainer_seed=cfg.seed * 100_003 + peer_id, total_steps=cfg.rounds * cfg.local_steps,
+        optimizer_state=cfg.optimizer_state, momentum=0.9 if cfg.momentum is None else cfg.momentum,
     )
     if is_attacker(cfg, peer_id):  # an experiment's Byzantine peer: lies on the wire, never to itself
         learner = Attacking(learner, cfg, peer_id)

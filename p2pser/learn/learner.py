@@ -88,8 +88,19 @@ class TorchLearner:
     """A torch model trained by ``LocalTrainer`` on one peer's data; its float parameters are the state."""
 
     def __init__(self, data: PeerData, model_name: str, features: str, train_cfg: TrainConfig, task: Task, *,
-                 model_seed: int, trainer_seed: int, total_steps: int) -> None:
+                 model_seed: int, trainer_seed: int, total_steps: int, optimizer_state: str = "keep",
+                 momentum: float = 0.9) -> None:
+        """``optimizer_state`` says what becomes of the optimiser's local state when the parameters are
+        replaced by a mix: ``keep`` it, ``reset`` it (AdamW moments and momentum restart from zero), or
+        ``quasi-global``: plain SGD steps plus ``momentum`` times a momentum buffer that is updated once a
+        round from how the *mixed* model moved (Lin et al. 2021, "Quasi-global momentum: accelerating
+        decentralized deep learning on heterogeneous data", arXiv:2102.04761), so it follows the
+        neighbourhood's direction instead of the peer's own data."""
         self.data = data
+        self.optimizer_state = optimizer_state
+        self.momentum = momentum
+        self._quasi_global: dict[str, np.ndarray] | None = None  # the momentum buffer, once there is one
+        self._round_start: dict[str, np.ndarray] | None = None
         self.task = task
         self.model_name = model_name
         self.features = features
@@ -108,6 +119,12 @@ class TorchLearner:
 
     def train(self, steps: int, correction: State | None = None) -> float:
         t0 = time.perf_counter()
+        if self.optimizer_state == "quasi-global":
+            self._round_start = self.snapshot()
+            if self._quasi_global is not None:
+                heavy_ball = {k: self.momentum * v for k, v in self._quasi_global.items()}
+                correction = heavy_ball if correction is None else {
+                    k: correction[k] + heavy_ball[k] for k in heavy_ball}
         self.trainer.correction = None if correction is None else {
             name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in correction.items()
             if name in self.trainer.named_parameters}
@@ -145,6 +162,17 @@ class TorchLearner:
     def mix(self, own: State, own_weight: float, others: Sequence[Any], rule: Any) -> None:
         if others:
             self.load(rule.mix(own, own_weight, others))
+        if self.optimizer_state == "reset":
+            self.trainer.optimizer.state.clear()
+        elif self.optimizer_state == "quasi-global" and self._round_start is not None:
+            size = self.trainer.last_lr_sum
+            if size > 0:
+                now = self.snapshot()
+                move = {k: (self._round_start[k] - now[k]) / size for k in now}
+                old = self._quasi_global or {k: np.zeros_like(v) for k, v in move.items()}
+                self._quasi_global = {k: (self.momentum * old[k] + (1 - self.momentum) * move[k]).astype(np.float32)
+                                      for k in move}
+            self._round_start = None
 
     def outgoing(self, state: State, round_: int) -> State:
         return state
@@ -153,13 +181,17 @@ class TorchLearner:
         self.trainer.step = max(self.trainer.step, step)
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"model": dict(self.model.state_dict()), "trainer": self.trainer.state_dict()}
+        state = {"model": dict(self.model.state_dict()), "trainer": self.trainer.state_dict()}
+        if self._quasi_global is not None:
+            state["quasi_global"] = dict(self._quasi_global)
+        return state
 
     def restore(self, state: dict[str, Any]) -> None:
         model = {k: torch.as_tensor(np.ascontiguousarray(v)) if not isinstance(v, torch.Tensor) else v
                  for k, v in state["model"].items()}
         self.model.load_state_dict(model)
         self.trainer.load_state_dict(state["trainer"])
+        self._quasi_global = state.get("quasi_global")
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.model_name, "features": self.features, "samples": self.samples}

@@ -27,6 +27,7 @@ LIVENESS = ("adaptive", "fixed")
 MIXINGS = ("average", "clipped", "trimmed")
 ATTACKS = ("none", "sign-flip", "scale", "random")
 OPTIMIZERS = ("adamw", "sgd")
+NORMALIZERS = ("speaker", "global", "local")
 OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
 
 
@@ -60,6 +61,15 @@ class RunConfig:
         default="keep",
         **_opt("the optimiser's local state after each averaging: keep it, reset it, or quasi-global momentum "
                "(SGD whose momentum follows the averaged model's moves)", choices=OPTIMIZER_STATES),
+    )
+    normalizer: str = field(
+        default="local",
+        **_opt("feature standardisation: each speaker by its own statistics (test speakers too, from their own "
+               "unlabelled audio), all training data (peers agree on the statistics by gossip), or each peer "
+               "by its own data", choices=NORMALIZERS),
+    )
+    stats_tolerance: float = field(
+        default=1e-4, **_opt("--normalizer global: how closely peers' statistics agree with the pooled ones")
     )
     partition: str = field(default="speaker", **_opt("how training data is split into peers", choices=PARTITIONS))
     alpha: float = field(default=0.5, **_opt("Dirichlet concentration for --partition dirichlet"))
@@ -104,14 +114,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY),
-                              ("optimizer_state", OPTIMIZER_STATES),
+                              ("optimizer_state", OPTIMIZER_STATES), ("normalizer", NORMALIZERS),
                               ("resume", RESUME), ("liveness", LIVENESS), ("mixing", MIXINGS), ("attack", ATTACKS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
             if getattr(self, name) < 1:
                 raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "alpha", "round_timeout", "startup_timeout", "max_seconds"):
+        for name in ("lr", "alpha", "round_timeout", "startup_timeout", "max_seconds", "stats_tolerance"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
         for name in ("checkpoint_every", "trim", "clip_radius", "final_mixing"):

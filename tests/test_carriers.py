@@ -41,22 +41,25 @@ CFG = RunConfig(model="svm", rounds=5, local_steps=2, batch_size=8, eval_every=1
                 round_timeout=120.0, checkpoint_every=0)
 
 
-def make_peers() -> list[Peer]:
+def make_peers(cfg: RunConfig = CFG, topology=None, per_peer: int = 18) -> list[Peer]:
+    """Peers on random but learnable features (3 classes), one block of utterances each, sharing a test set:
+    what these tests exercise is the carrying-out and the learning state, not the audio."""
+    topology = topology or make_topology("ring", 4)
     rng = np.random.default_rng(5)
-    n, channels, frames, classes = 96, 12, 20, ["a", "b", "c"]
+    n, channels, frames, classes = 24 + per_peer * topology.n, 12, 20, ["a", "b", "c"]
     x = rng.normal(size=(n, channels, frames)).astype(np.float32)
     y = np.arange(n) % len(classes)
     x += y[:, None, None].astype(np.float32) * 0.3  # learnable, so UA moves between rounds
+    x += (np.arange(n) * 7 % 5)[:, None, None].astype(np.float32) * 0.2  # and shifted differently per block
     lengths = np.full(n, frames)
     test = (x[:24], y[:24], lengths[:24])
-    topology = make_topology("ring", 4)
     w = metropolis_hastings_weights(topology)
     peers = []
     for k in range(topology.n):
-        own = np.arange(24 + 18 * k, 24 + 18 * (k + 1))
+        own = np.arange(24 + per_peer * k, 24 + per_peer * (k + 1))
         data = PeerData.from_arrays(x, y, lengths, own, test, classes, val_fraction=0.2, seed=k)
         neighbours = topology.neighbours(k)
-        peers.append(Peer(k, neighbours, make_learner(data, CFG, k), CFG,
+        peers.append(Peer(k, neighbours, make_learner(data, cfg, k), cfg,
                           mix_weights={j: float(w[k, j]) for j in [*neighbours, k]}))
     return peers
 

@@ -36,6 +36,7 @@ from p2pser.exchange.codec import (
     DTYPES,
     HASHES,
     HEADER_FIELDS,
+    KINDS,
     MAX_HEADER_BYTES,
     MAX_META_KEYS,
     MAX_META_STR,
@@ -246,7 +247,7 @@ def malformed(w: Wire) -> st.SearchStrategy[Case]:
 
     @st.composite
     def bad_kind(draw):
-        kind = draw(NOT_STR | TEXT.filter(lambda x: x not in {"model", "state", *CONTROL_KINDS}))
+        kind = draw(NOT_STR | TEXT.filter(lambda x: x not in KINDS))
         return _case(w.frames(kind=kind), "kind")
 
     @st.composite

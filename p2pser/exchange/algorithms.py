@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from p2pser.config import ALGORITHMS as ALGORITHM_NAMES
-from p2pser.exchange.codec import Message
+from p2pser.exchange.codec import Message, encode
 from p2pser.exchange.effects import Compute, Drain, Gather, Gathered, Record, Send
 from p2pser.exchange.liveness import Deadlines
-from p2pser.exchange.mixing import Contribution
+from p2pser.exchange.mixing import Contribution, WeightedAverage
 from p2pser.exchange.peer import Peer
 from p2pser.exchange.topology import Topology
 
@@ -337,10 +337,47 @@ def spec_of(name: str) -> AlgorithmSpec:
 
 def start(peer: Peer, start_round: int = 0, *, resumed: bool = False, **placement: int) -> Algorithm:
     """The configured algorithm from ``start_round`` with its ``placement`` (see ``AlgorithmSpec``);
-    ``resumed`` (restarted from a checkpoint) catches up with the neighbours first."""
+    ``resumed`` (restarted from a checkpoint) catches up with the neighbours first. A fresh start with
+    ``normalizer = "global"`` first agrees on the normalisation statistics (``agree_statistics``)."""
     if resumed and start_round < schedule_length(peer.config):
         return _resumed(peer, start_round, placement)
+    if peer.config.normalizer == "global" and not resumed and start_round == 0:
+        return _after_statistics(peer, placement)
     return ALGORITHMS[peer.config.algorithm].run(peer, start_round, **placement)
+
+
+def _after_statistics(peer: Peer, placement: dict[str, int]) -> Algorithm:
+    yield from agree_statistics(peer)
+    yield from ALGORITHMS[peer.config.algorithm].run(peer, 0, **placement)
+
+
+def agree_statistics(peer: Peer) -> Generator[Any, Any, None]:
+    """Average every peer's feature moments (frame count, per-channel sum and sum of squares) by gossip,
+    before training, so that all peers standardise with the statistics of all training data without any
+    peer showing another its features: only these three sums cross the wire, once per round.
+
+    ``peer.statistics_rounds`` rounds of Metropolis-Hastings averaging (``topology.rounds_to_agree``) bring
+    every peer within the configured tolerance of the exact network average; mean = sum / count and
+    variance = sum of squares / count - mean^2 are then the pooled statistics. The first round waits up to
+    ``startup_timeout`` for neighbours to come up, later ones ``round_timeout``.
+    """
+    cfg = peer.config
+    values = peer.learner.moments()
+    weights = {j: peer.mix_weights[j] for j in [*peer.neighbours, peer.id]}
+    average = WeightedAverage()
+    for k in range(peer.statistics_rounds):
+        yield Send(tuple(peer.neighbours), encode(values, sender=peer.id, round=k, samples=peer.samples,
+                                                 kind="stats"))
+        got: Gathered = yield Gather("stats", k, frozenset(peer.neighbours),
+                                     cfg.startup_timeout if k == 0 else cfg.round_timeout)
+        missing = set(peer.neighbours) - set(got.messages)
+        if missing:
+            log.warning("peer %d: statistics round %d went on without %s; the agreed statistics are then "
+                        "only approximately the pooled ones", peer.id, k, sorted(missing))
+        others = [Contribution(s, weights[s], m.tensors) for s, m in sorted(got.messages.items())]
+        values = average.mix(values, weights[peer.id], others)
+    peer.learner.adopt_moments(values)
+    log.info("peer %d: agreed on normalisation statistics after %d rounds", peer.id, peer.statistics_rounds)
 
 
 def _resumed(peer: Peer, start_round: int, placement: dict[str, int]) -> Algorithm:

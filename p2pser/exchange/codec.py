@@ -34,7 +34,7 @@ except ImportError:  # optional speed-up; see HASHES
 VERSION = 1
 # "model": a peer's parameters for one round of mixing; "state": its current parameters, sent only to answer a
 # "pull" from a neighbour that restarted and wants to catch up at once.
-TENSOR_KINDS = frozenset({"model", "state"})
+TENSOR_KINDS = frozenset({"model", "state", "stats"})  # stats: normalisation statistics agreed before training
 CONTROL_KINDS = frozenset({"hello", "ping", "pull"})
 KINDS = TENSOR_KINDS | CONTROL_KINDS
 MAX_HEADER_BYTES = 1 << 20

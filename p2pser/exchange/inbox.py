@@ -24,7 +24,9 @@ class Inbox:
         self.neighbours = frozenset(neighbours)
         self.max_rounds_ahead = max_rounds_ahead
         self.rounds = rounds
-        self.floor = 0  # lowest round still awaited
+        # Lowest round still awaited, per kind of round: the models' rounds, and the rounds in which peers
+        # agree on normalisation statistics before training ("stats"), which are numbered apart.
+        self._floors = {"model": 0, "stats": 0}
         self._by_round: dict[tuple[str, int], dict[int, Message]] = defaultdict(dict)
         self._latest: dict[int, Message] = {}
         self._last_round: dict[int, int] = {}  # survives drain(), so a replayed old model is refused
@@ -46,9 +48,9 @@ class Inbox:
                 return f"state from {message.sender} that we did not pull"
             self._states[message.sender] = message
             return None
-        if message.kind != "model":
+        if message.kind not in self._floors:
             return f"unexpected {message.kind!r} message"
-        if self.rounds is not None and message.round >= self.rounds:
+        if message.kind == "model" and self.rounds is not None and message.round >= self.rounds:
             return f"round {message.round} from {message.sender} is past the schedule's end (round {self.rounds - 1})"
         if not synchronous:
             last = self._last_round.get(message.sender, -1)
@@ -59,10 +61,11 @@ class Inbox:
             return None
         key = (message.kind, message.sender)
         self._claimed[key] = max(self._claimed.get(key, -1), message.round)
-        if message.round < self.floor:
-            return f"stale round {message.round} from {message.sender} (now at round {self.floor})"
-        if message.round > self.floor + self.max_rounds_ahead:
-            return f"round {message.round} from {message.sender} is too far ahead of round {self.floor}"
+        floor = self._floors[message.kind]
+        if message.round < floor:
+            return f"stale round {message.round} from {message.sender} (now at round {floor})"
+        if message.round > floor + self.max_rounds_ahead:
+            return f"round {message.round} from {message.sender} is too far ahead of round {floor}"
         slot = self._by_round[(message.kind, message.round)]
         if message.sender in slot:
             return f"duplicate {message.kind} for round {message.round} from {message.sender}"
@@ -100,13 +103,18 @@ class Inbox:
         """
         if kind == "state":
             got, self._states, self._pulled = self._states, {}, frozenset()
-            self.floor = max([self.floor, *(m.round for m in got.values())])
+            self._floors["model"] = max([self.floor, *(m.round for m in got.values())])
             return dict(sorted(got.items()))
         got = self._by_round.pop((kind, round_), {})
-        self.floor = max(self.floor, round_ + 1)
-        for key in [k for k in self._by_round if k[1] < self.floor]:
+        self._floors[kind] = max(self._floors[kind], round_ + 1)
+        for key in [k for k in self._by_round if k[1] < self._floors[k[0]]]:
             del self._by_round[key]
         return got
+
+    @property
+    def floor(self) -> int:
+        """Lowest model round still awaited."""
+        return self._floors["model"]
 
     def drain(self) -> list[Message]:
         """All buffered asynchronous models, in sender order."""

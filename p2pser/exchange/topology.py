@@ -380,6 +380,22 @@ def spectral_gap(w: np.ndarray) -> float:
     return float(1.0 - mags[1])
 
 
+def rounds_to_agree(topo: Topology, tolerance: float) -> int:
+    """Averaging rounds after which every peer's value is within ``tolerance`` (relative to the spread of
+    the starting values) of the network average, for Metropolis-Hastings gossip on ``topo``.
+
+    The disagreement shrinks by at least the second largest eigenvalue modulus of the mixing matrix each
+    round; sqrt(n) bounds how much of it one peer can hold at the start. Every peer reads the same topology
+    file, so every peer computes the same count and they all stop together.
+    """
+    if topo.n < 2:
+        return 0
+    contraction = 1.0 - spectral_gap(metropolis_hastings_weights(topo))
+    if contraction <= 0.0:
+        return 1
+    return max(1, math.ceil(math.log(tolerance / math.sqrt(topo.n)) / math.log(contraction)))
+
+
 def summary(topo: Topology) -> dict[str, Any]:
     """Numbers `p2pser topology show` prints: size, degrees, diameter, MH spectral gap, hosts."""
     deg = [len(topo.neighbours(i)) for i in range(topo.n)]

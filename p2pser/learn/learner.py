@@ -99,7 +99,7 @@ class TorchLearner:
         self.data = data
         self.optimizer_state = optimizer_state
         self.momentum = momentum
-        self._quasi_global: dict[str, np.ndarray] | None = None  # the momentum buffer, once there is one
+        self.momentum_buffer: dict[str, np.ndarray] | None = None  # quasi-global momentum, once there is one
         self._round_start: dict[str, np.ndarray] | None = None
         self.task = task
         self.model_name = model_name
@@ -121,8 +121,8 @@ class TorchLearner:
         t0 = time.perf_counter()
         if self.optimizer_state == "quasi-global":
             self._round_start = self.snapshot()
-            if self._quasi_global is not None:
-                heavy_ball = {k: self.momentum * v for k, v in self._quasi_global.items()}
+            if self.momentum_buffer is not None:
+                heavy_ball = {k: self.momentum * v for k, v in self.momentum_buffer.items()}
                 correction = heavy_ball if correction is None else {
                     k: correction[k] + heavy_ball[k] for k in heavy_ball}
         self.trainer.correction = None if correction is None else {
@@ -169,8 +169,8 @@ class TorchLearner:
             if size > 0:
                 now = self.snapshot()
                 move = {k: (self._round_start[k] - now[k]) / size for k in now}
-                old = self._quasi_global or {k: np.zeros_like(v) for k, v in move.items()}
-                self._quasi_global = {k: (self.momentum * old[k] + (1 - self.momentum) * move[k]).astype(np.float32)
+                old = self.momentum_buffer or {k: np.zeros_like(v) for k, v in move.items()}
+                self.momentum_buffer = {k: (self.momentum * old[k] + (1 - self.momentum) * move[k]).astype(np.float32)
                                       for k in move}
             self._round_start = None
 
@@ -182,8 +182,8 @@ class TorchLearner:
 
     def checkpoint_state(self) -> dict[str, Any]:
         state = {"model": dict(self.model.state_dict()), "trainer": self.trainer.state_dict()}
-        if self._quasi_global is not None:
-            state["quasi_global"] = dict(self._quasi_global)
+        if self.momentum_buffer is not None:
+            state["quasi_global"] = dict(self.momentum_buffer)
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -191,7 +191,7 @@ class TorchLearner:
                  for k, v in state["model"].items()}
         self.model.load_state_dict(model)
         self.trainer.load_state_dict(state["trainer"])
-        self._quasi_global = state.get("quasi_global")
+        self.momentum_buffer = state.get("quasi_global")
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.model_name, "features": self.features, "samples": self.samples}

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from p2pser.audio.synth import synthesize_corpus
 from p2pser.carriers.faults import Distribution, FaultPlan, Outage
 from p2pser.cli import main
 from p2pser.config import RunConfig
-from p2pser.data.synth import synthesize_corpus
 from p2pser.errors import UserError
 from p2pser.exchange.topology import make_topology
 from p2pser.experiments.simulate import simulate_run
-from p2pser.partition.plan import extract_for, make_plan
+from p2pser.partition.experiment import extract_for, make_plan
 from p2pser.report.summary import load_models, read_metrics
 
 N = 8
@@ -192,3 +192,4 @@ def test_summary_of_a_run_with_attackers_reports_the_honest_peers(setup, tmp_pat
     assert summary["attackers"] == [1, 5] and summary["honest_peers"] == N - 2
     honest = [p["ua"] for p in summary["per_peer"] if p["peer"] not in (1, 5)]
     assert summary["honest_test_ua_mean"] == pytest.approx(sum(honest) / len(honest))
+

@@ -21,7 +21,7 @@ import numpy as np
 from p2pser.config import RunConfig, config_to_dict
 from p2pser.deploy.peer_process import hub_of, peer_dir
 from p2pser.exchange.topology import Topology, save_topology
-from p2pser.partition.plan import extract_for, make_plan, test_set
+from p2pser.partition.experiment import extract_for, make_plan, test_set
 from p2pser.report.run_folder import prepare_out_dir
 from p2pser.report.summary import average_model_ua, read_metrics, read_status, summarize
 

@@ -47,7 +47,7 @@ from p2pser.deploy.launch import progress_line, write_config_toml
 from p2pser.deploy.peer_process import peer_dir
 from p2pser.errors import UserError
 from p2pser.exchange.topology import KINDS, Topology, make_topology, save_topology
-from p2pser.partition.plan import extract_for, make_plan, test_set
+from p2pser.partition.experiment import extract_for, make_plan, test_set
 from p2pser.report.run_folder import prepare_out_dir
 from p2pser.report.summary import average_model_ua, read_status, summarize
 

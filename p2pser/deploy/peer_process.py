@@ -18,15 +18,15 @@ from p2pser.carriers.realtime import MetricsWriter, RealtimeRunner
 from p2pser.carriers.security import curve_config, security_on
 from p2pser.carriers.transport import ZmqTransport
 from p2pser.config import RunConfig
-from p2pser.data.features import FeatureSet
 from p2pser.errors import UserError
 from p2pser.exchange import algorithms
 from p2pser.exchange.codec import Decoder
 from p2pser.exchange.peer import Peer, PeerData
 from p2pser.exchange.topology import Topology, metropolis_hastings_weights
+from p2pser.features.spec import FeatureSet
 from p2pser.files import write_atomically
 from p2pser.learn.checkpoint import Checkpointer
-from p2pser.partition.plan import Plan, extract_for, make_plan, rows, test_set
+from p2pser.partition.experiment import Plan, extract_for, make_plan, rows, test_set
 from p2pser.runtime import ensure_numba_cache, pin_threads
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from p2pser.config import RunConfig, train_config
-from p2pser.data.features import Normalizer
 from p2pser.exchange.attacks import corrupt, is_attacker
 from p2pser.exchange.codec import Message, encode, template_of
 from p2pser.exchange.mixing import Contribution, MixingRule, consensus_distance, make_rule
 from p2pser.files import write_atomically
 from p2pser.learn.models import build_model
+from p2pser.learn.normalize import Normalizer
 from p2pser.learn.trainer import LocalTrainer, evaluate
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from p2pser.exchange.inbox import Inbox
 from p2pser.exchange.peer import Peer
 from p2pser.exchange.topology import Topology
 from p2pser.learn.checkpoint import Checkpointer
-from p2pser.partition.plan import Plan, extract_for, test_set
+from p2pser.partition.experiment import Plan, extract_for, test_set
 
 log = logging.getLogger(__name__)
 

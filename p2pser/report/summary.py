@@ -177,8 +177,8 @@ def average_model_ua(run_dir: Path, model_name: str, seed: int,
     """
     import torch
 
-    from p2pser.data.features import Normalizer
     from p2pser.learn.models import build_model
+    from p2pser.learn.normalize import Normalizer
     from p2pser.learn.trainer import evaluate
 
     x_test, y_test, lengths = test

@@ -193,3 +193,30 @@ def test_summary_of_a_run_with_attackers_reports_the_honest_peers(setup, tmp_pat
     honest = [p["ua"] for p in summary["per_peer"] if p["peer"] not in (1, 5)]
     assert summary["honest_test_ua_mean"] == pytest.approx(sum(honest) / len(honest))
 
+
+def test_fewer_peers_than_training_speakers_gives_sites_of_several_speakers(tmp_path, capsys):
+    """`--partition speaker` (the default) on a topology smaller than the fold's training speakers: each
+    speaker's utterances go to exactly one peer, the sites as even as the speakers allow."""
+    corpus = tmp_path / "synth16"
+    synthesize_corpus(corpus, speakers=16, per_emotion=1, seed=2)
+    ring8 = Path(__file__).resolve().parents[1] / "topologies" / "ring-8.toml"
+    cfg = RunConfig(model="svm", features="mfcc", max_seconds=1.5, rounds=3, local_steps=2, eval_every=3,
+                    cache_dir=str(tmp_path / "cache"))
+    common = [str(corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--rounds", "3",
+              "--local-steps", "2", "--eval-every", "3", "--cache-dir", cfg.cache_dir]
+    assert main(["simulate", *common, "--topology", str(ring8), "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["peers"] == 8 and len(summary["per_peer"]) == 8
+
+    plan = make_plan(corpus, cfg, 8)
+    speakers = np.array([u.speaker for u in plan.corpus.utterances])
+    sites = [set(speakers[p].tolist()) for p in plan.peers]
+    training = set(speakers[np.concatenate(plan.peers)].tolist())
+    assert len(training) == 12 and not training & set(plan.fold.test_speakers)
+    assert sum(map(len, sites)) == 12 and set().union(*sites) == training  # each speaker on exactly one peer
+    assert sorted(map(len, sites)) == [1] * 4 + [2] * 4 and len({len(p) for p in plan.peers}) == 2
+
+    capsys.readouterr()
+    assert main(["simulate", *common, "--topology", "ring", "--peers", "13", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "13 peers need at least 13 training speakers and the fold has 12" in err and err.count("\n") == 1

@@ -127,9 +127,59 @@ def test_speaker_partition_one_peer_per_speaker(ravdess):
     peers = partition(train, speakers, labels, scheme="speaker")
     check_cover(peers, train)
     assert [set(speakers[p]) for p in peers] == [{s} for s in sorted(set(speakers[train]))]
-    assert len(partition(train, speakers, labels, scheme="speaker", n_peers=22)) == 22
-    with pytest.raises(UserError, match="22"):
-        partition(train, speakers, labels, scheme="speaker", n_peers=8)
+    same = partition(train, speakers, labels, scheme="speaker", n_peers=22, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(peers, same))  # one speaker per peer: no seed involved
+    with pytest.raises(UserError, match="at most 22 peers") as exc:
+        partition(train, speakers, labels, scheme="speaker", n_peers=23)
+    assert "\n" not in str(exc.value)
+
+
+def speakers_of(peers: list[np.ndarray], speakers: np.ndarray) -> list[set[str]]:
+    return [set(speakers[p].tolist()) for p in peers]
+
+
+def test_fewer_peers_than_speakers_spreads_whole_speakers_evenly_by_seed(ravdess):
+    speakers, labels, _ = ravdess
+    train = np.flatnonzero(~np.isin(speakers, ["ravdess_01", "ravdess_02"]))
+    peers = partition(train, speakers, labels, scheme="speaker", n_peers=8, seed=0)
+    check_cover(peers, train)
+    groups = speakers_of(peers, speakers)
+    assert len(groups) == 8 and sum(len(g) for g in groups) == 22  # each speaker on exactly one peer
+    # RAVDESS actors have 60 utterances each: 22 actors on 8 peers is six sites of 3 and two of 2.
+    assert sorted(len(p) for p in peers) == [120] * 2 + [180] * 6
+    again = partition(train, speakers, labels, scheme="speaker", n_peers=8, seed=0)
+    other = partition(train, speakers, labels, scheme="speaker", n_peers=8, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(peers, again))
+    assert speakers_of(other, speakers) != groups
+
+
+def test_speaker_spreading_balances_uneven_speakers():
+    # Sizes 30, 30, 20, 20, 20 on two peers: placing the largest first gives 70/50; a swap reaches 60/60.
+    sizes = {"a": 30, "b": 30, "c": 20, "d": 20, "e": 20}
+    speakers = np.repeat(list(sizes), list(sizes.values()))
+    labels = np.zeros(len(speakers), dtype=np.int64)
+    for seed in range(5):
+        peers = partition(np.arange(len(speakers)), speakers, labels, scheme="speaker", n_peers=2, seed=seed)
+        assert sorted(map(sorted, speakers_of(peers, speakers))) == [["a", "b"], ["c", "d", "e"]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=15), n_peers=st.integers(1, 15),
+       seed=st.integers(0, 2**16))
+def test_speaker_spreading_covers_each_speaker_once_within_one_speaker_of_even(sizes, n_peers, seed):
+    speakers = np.repeat([f"s{i:02d}" for i in range(len(sizes))], sizes)
+    labels = np.zeros(len(speakers), dtype=np.int64)
+    indices = np.arange(len(speakers))
+    if n_peers > len(sizes):
+        with pytest.raises(UserError, match=f"at most {len(sizes)} peers"):
+            partition(indices, speakers, labels, scheme="speaker", n_peers=n_peers, seed=seed)
+        return
+    peers = partition(indices, speakers, labels, scheme="speaker", n_peers=n_peers, seed=seed)
+    check_cover(peers, indices)
+    groups = speakers_of(peers, speakers)
+    assert len(groups) == n_peers and sum(len(g) for g in groups) == len(sizes)
+    loads = [len(p) for p in peers]
+    assert max(loads) - min(loads) <= max(sizes)  # no peer could take another's speaker and end nearer even
 
 
 def test_dirichlet_partition_skews_labels_and_is_deterministic(ravdess):
@@ -246,7 +296,7 @@ def test_centralized_and_peers_see_the_same_fold_classes_and_labels(synth_corpus
     assert pooled.experiment.folds == folds and pooled.classes == classes and len(pooled.features) == 288
     for fold in folds:
         split = pooled.split(fold.number)
-        for scheme, n_peers in (("speaker", None), ("iid", 3)):
+        for scheme, n_peers in (("speaker", None), ("speaker", 2), ("iid", 3)):
             plan = make_plan(synth_corpus, RunConfig(fold=fold.number, partition=scheme), n_peers)
             assert plan.classes == pooled.classes and len(plan.peers) == (n_peers or 4)
             assert {pooled.row_of[int(i)] for p in plan.peers for i in p} == set(split.train.tolist())

@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from p2pser.data.dataset import prepare_experiment
-from p2pser.data.features import FeatureSpec
-from p2pser.experiments.centralized import parse_folds, train_experiment
+from p2pser.experiments.centralized import parse_folds, prepare_pooled, train_experiment
+from p2pser.features.spec import FeatureSpec
 from p2pser.learn.models import MODEL_NAMES
 from p2pser.learn.trainer import recommended_config
 from p2pser.runtime import ensure_numba_cache, pin_threads
@@ -65,17 +64,16 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {"cases": []}
     results.update(corpus=args.corpus, machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
                    threads=args.threads)
-    experiments = {}
+    pooled = {}
     with tempfile.TemporaryDirectory(prefix="bench-centralized-") as tmp:
         for model, kind in _cases(args.cases):
-            if kind not in experiments:
-                experiments[kind] = prepare_experiment(data_dir, FeatureSpec(kind=kind), cache_dir=args.cache_dir,
-                                                       progress=False)
-            experiment = experiments[kind]
+            if kind not in pooled:
+                pooled[kind] = prepare_pooled(data_dir, FeatureSpec(kind=kind), cache_dir=args.cache_dir,
+                                              progress=False)
             cfg = recommended_config(model, epochs=args.epochs)
-            folds = parse_folds(args.folds, len(experiment.folds))
+            folds = parse_folds(args.folds, len(pooled[kind].experiment.folds))
             load = os.getloadavg()[0]
-            summary = train_experiment(experiment, folds, model, cfg, seed=args.seed,
+            summary = train_experiment(pooled[kind], folds, model, cfg, seed=args.seed,
                                        out_dir=Path(tmp) / f"{model}-{kind}", progress=False)
             case = {
                 "model": model, "features": kind, "folds": folds, "ua": round(summary["ua"], 4),

@@ -18,8 +18,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from p2pser.data.corpora import load_corpus
-from p2pser.data.features import FeatureSpec, extract_features
+from p2pser.audio.corpora import load_corpus
+from p2pser.features.extract import extract_features
+from p2pser.features.spec import FeatureSpec
 from p2pser.runtime import ensure_numba_cache
 
 HERE = Path(__file__).resolve().parent

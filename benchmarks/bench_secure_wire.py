@@ -186,9 +186,9 @@ def _time_to_target(run: Path, n: int, target: float) -> tuple[float | None, flo
 
 
 def bed_runs(repeats: int, rounds: int, target: float, seed: int) -> dict:
+    from p2pser.audio.synth import synthesize_corpus
     from p2pser.cli import main as cli
     from p2pser.config import RunConfig
-    from p2pser.data.synth import synthesize_corpus
     from p2pser.deploy.multihost import launch_hosts
     from p2pser.exchange.topology import Topology, make_topology, save_topology
 

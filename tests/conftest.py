@@ -28,7 +28,7 @@ def shared_data() -> Path:
 def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic corpus written once per session: 6 speakers (3 F, 3 M) x 6 emotions x 8 takes,
     seed 0, 16 kHz; the folder holds <speaker>/*.wav, manifest.csv and folds.json (3 folds)."""
-    from p2pser.data.synth import synthesize_corpus
+    from p2pser.audio.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("synth_corpus")
     synthesize_corpus(root, speakers=6, per_emotion=8, seed=0)

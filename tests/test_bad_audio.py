@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import soundfile
 
+from p2pser.audio.corpora import Utterance, load_corpus
+from p2pser.audio.synth import make_voices, synthesize_corpus, synthesize_utterance
 from p2pser.config import RunConfig
-from p2pser.data.corpora import Utterance, load_corpus
-from p2pser.data.features import FeatureSpec, extract_features
-from p2pser.data.synth import make_voices, synthesize_corpus, synthesize_utterance
-from p2pser.partition.plan import make_plan
+from p2pser.features.extract import extract_features
+from p2pser.features.spec import FeatureSpec
+from p2pser.partition.experiment import make_plan
 
 SR = 16000
 BAD_SPEAKER = "synth_03"  # a training speaker of fold 1 in the 4-speaker synthetic corpus
@@ -157,7 +158,7 @@ def test_each_kind_is_used_or_skipped_with_its_reason(speech, tmp_path, caplog):
     assert set(files) == {*USED, *DAMAGED, *SKIPPED}
     paths = write_folder(tmp_path / "bad", files)
     utts = [Utterance(p, "s1", "angry") for p in paths]
-    with caplog.at_level(logging.WARNING, logger="p2pser.data.features"):
+    with caplog.at_level(logging.WARNING, logger="p2pser.features.extract"):
         fs = extract(utts, tmp_path / "cache")
     assert sorted(u.path.name for u in fs.utterances) == sorted([*USED, *DAMAGED])
     assert {Path(p).name: reason for p, reason in fs.skipped} == SKIPPED
@@ -240,7 +241,7 @@ def test_unreadable_file_is_skipped_as_cannot_read(speech, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert [line for line in lines if "locked.wav" in line] == [
-        f"WARNING p2pser.data.features: skipped {tmp_path / 'locked.wav'}: cannot read: Permission denied"
+        f"WARNING p2pser.features.extract: skipped {tmp_path / 'locked.wav'}: cannot read: Permission denied"
     ]
     assert lines[-1] == "p2pser: error: none of the 1 audio files could be used (see the warnings above)"
 
@@ -307,7 +308,7 @@ def test_cli_features_goes_on_and_a_warm_run_opens_no_bad_file(corpus, monkeypat
         name = path.name.removeprefix("bad_")
         hits = lines_naming(proc.stderr, path)
         if name in SKIPPED:
-            assert hits == [f"WARNING p2pser.data.features: skipped {path}: {SKIPPED[name]}"], hits
+            assert hits == [f"WARNING p2pser.features.extract: skipped {path}: {SKIPPED[name]}"], hits
         elif name in DAMAGED:
             assert len(hits) == 1 and DAMAGED[name] in hits[0], hits
         else:
@@ -328,7 +329,7 @@ def test_cli_features_goes_on_and_a_warm_run_opens_no_bad_file(corpus, monkeypat
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(io, "open", spy_open)
     monkeypatch.setattr(os, "open", spy_os_open)
-    with caplog.at_level(logging.WARNING, logger="p2pser.data.features"):
+    with caplog.at_level(logging.WARNING, logger="p2pser.features.extract"):
         warm = extract(load_corpus(data).utterances, cache)
     monkeypatch.undo()
     assert opened and not {str(u.path) for u in load_corpus(data).utterances} & set(opened)
@@ -351,7 +352,7 @@ def test_cli_simulate_goes_on_past_the_bad_files(corpus, tmp_path):
     for path in bad:
         reason = SKIPPED.get(path.name.removeprefix("bad_"))
         skips = [line for line in lines_naming(proc.stderr, path) if "skipped" in line]
-        assert skips == ([f"WARNING p2pser.data.features: skipped {path}: {reason}"] if reason else []), skips
+        assert skips == ([f"WARNING p2pser.features.extract: skipped {path}: {reason}"] if reason else []), skips
 
 
 def test_cli_simulate_peer_whose_files_are_all_bad_is_one_clear_error(corpus, tmp_path, speech):

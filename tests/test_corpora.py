@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile
 
+from p2pser.audio.corpora import EMOTIONS, describe, format_description, load_corpus
 from p2pser.cli import main
-from p2pser.data.corpora import EMOTIONS, describe, format_description, load_corpus
 from p2pser.errors import UserError
 
 
@@ -101,7 +101,7 @@ def test_crema_d(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_crema_d_sex_table_matches_published_counts() -> None:
-    from p2pser.data.corpora import CREMA_D_FEMALE
+    from p2pser.audio.corpora import CREMA_D_FEMALE
 
     assert len(CREMA_D_FEMALE) == 43 and all(1001 <= a <= 1091 for a in CREMA_D_FEMALE)  # 43 F, 48 M
 

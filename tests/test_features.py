@@ -17,11 +17,15 @@ import numpy as np
 import pytest
 import soundfile
 
+from p2pser.audio.corpora import Utterance
 from p2pser.cli import main
-from p2pser.data import features
-from p2pser.data.corpora import Utterance
-from p2pser.data.features import KINDS, FeatureSpec, Normalizer, default_cache_dir, extract_features
 from p2pser.errors import UserError
+from p2pser.features import extract
+from p2pser.features.cache import Cache, Index, default_cache_dir
+from p2pser.features.extract import extract_features
+from p2pser.features.kinds import KINDS, Kind
+from p2pser.features.spec import FeatureSpec
+from p2pser.learn.normalize import Normalizer
 
 
 def manifest_utterances(root: Path, step: int = 1, limit: int | None = None) -> list[Utterance]:
@@ -61,6 +65,41 @@ def test_shapes_per_kind(few, tmp_path_factory, kind, channels):
     for row, n in zip(fs.x, fs.lengths):
         assert 25 <= n <= 401  # >= min_seconds of sound after trimming
         assert not row[:, n:].any() and row[:, :n].std(axis=1).max() > 0
+
+
+def test_a_new_kind_is_one_registry_entry_at_frame_or_utterance_level(few, tmp_path, monkeypatch):
+    """What the registry promises a future kind (a frame-level descriptor, openSMILE-style functionals):
+    one entry is enough to extract it, cache it under its own key and combine it (or refuse to)."""
+    import librosa
+
+    def energy(a):  # frame level: [1, T], on the shared spectrogram
+        return librosa.feature.rms(S=a.magnitude, frame_length=a.spec.n_fft)
+
+    def functionals(a):  # utterance level: [C] per utterance, no time axis
+        return np.concatenate([a.logmel.mean(axis=1), a.logmel.std(axis=1)])
+
+    monkeypatch.setitem(KINDS, "energy", Kind("energy", lambda s: 1, energy))
+    monkeypatch.setitem(KINDS, "functionals", Kind("functionals", lambda s: 2 * s.n_mels, functionals,
+                                                    settings=("n_mels",), level="utterance"))
+    cache = tmp_path / "cache"
+    both = extract_features(few, FeatureSpec(kind="logmel+energy"), cache_dir=cache, workers=1, progress=False)
+    logmel = extract_features(few, FeatureSpec(kind="logmel"), cache_dir=cache, workers=1, progress=False)
+    assert both.x.shape == (len(few), 65, 401) and logmel.stats["extracted"] == 0  # logmel was cached with it
+    assert np.array_equal(both.x[:, :64], logmel.x) and np.array_equal(both.lengths, logmel.lengths)
+
+    spec = FeatureSpec(kind="functionals")
+    fs = extract_features(few, spec, cache_dir=cache, workers=1, progress=False)
+    assert spec.level == "utterance" and spec.frames == 1 and fs.x.shape == (len(few), 128, 1)
+    assert (fs.lengths == 1).all() and np.isfinite(fs.x).all()
+    # The mean over frames of the (trimmed, full-length) log-mel spectrogram, from the cached logmel part.
+    full = Cache(cache, FeatureSpec(kind="logmel"))
+    digest = Index(cache / "index.json").entries[os.path.abspath(few[0].path)][3]
+    assert np.allclose(fs.x[0, :64, 0], full.load_part(digest, "logmel").mean(axis=1), atol=1e-4)
+    again = extract_features(few, FeatureSpec(kind="functionals", n_mels=32, n_mfcc=13), cache_dir=cache, workers=1,
+                             progress=False)
+    assert again.x.shape == (len(few), 64, 1) and again.stats["extracted"] == len(few)  # its own cache key
+    with pytest.raises(UserError, match="frame-level and utterance-level"):
+        FeatureSpec(kind="mfcc+functionals")
 
 
 def test_unknown_kind_lists_known_kinds():
@@ -135,7 +174,7 @@ def test_damaged_index_only_costs_a_rehash(few, tmp_path, caplog):
     cache = tmp_path / "cache"
     first = extract_features(few[:2], FeatureSpec(), cache_dir=cache, workers=1, progress=False)
     (cache / "index.json").write_text("{truncated")
-    with caplog.at_level(logging.WARNING, logger="p2pser.data.features"):
+    with caplog.at_level(logging.WARNING, logger="p2pser.features.extract"):
         again = extract_features(few[:2], FeatureSpec(), cache_dir=cache, workers=1, progress=False)
     assert any("unreadable feature cache index" in r.getMessage() for r in caplog.records)
     assert again.stats["hashed"] == 2 and again.stats["extracted"] == 0
@@ -170,7 +209,7 @@ def test_bad_files_are_skipped_with_reasons(few, tmp_path, caplog):
     }
     for run in ("cold", "warm"):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="p2pser.data.features"):
+        with caplog.at_level(logging.WARNING, logger="p2pser.features.extract"):
             fs = extract_features(utts, FeatureSpec(), cache_dir=tmp_path / "cache", workers=1, progress=False)
         assert [u.path for u in fs.utterances] == [u.path for u in good], run
         assert fs.x.shape[0] == 3 and fs.stats["skipped"] == len(bad)
@@ -234,9 +273,9 @@ def test_classes_fix_label_order_and_drop_others(few, tmp_path, caplog):
 
 
 def test_worker_processes_give_the_same_features(shared_data, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(features, "_MIN_FILES_PER_WORKER", 30)  # a real 2-process pool for a small job
+    monkeypatch.setattr(extract, "_MIN_FILES_PER_WORKER", 30)  # a real 2-process pool for a small job
     utts = manifest_utterances(shared_data / "ravdess", step=23, limit=60)
-    with caplog.at_level(logging.INFO, logger="p2pser.data.features"):
+    with caplog.at_level(logging.INFO, logger="p2pser.features.extract"):
         pool = extract_features(utts, FeatureSpec(), cache_dir=tmp_path / "a", workers=2, progress=False)
     assert any("60 files in 2 worker processes" in r.getMessage() for r in caplog.records)
     local = extract_features(utts, FeatureSpec(), cache_dir=tmp_path / "b", workers=1, progress=False)

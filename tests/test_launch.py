@@ -16,7 +16,7 @@ import pytest
 import soundfile
 import zmq
 
-from p2pser.data.synth import synthesize_corpus
+from p2pser.audio.synth import synthesize_corpus
 from p2pser.exchange.topology import make_topology, save_topology
 
 N_CLASSES = 6  # the synthetic corpus' emotions
@@ -200,7 +200,7 @@ def test_privacy_every_frame_sent_is_a_header_or_a_declared_parameter_tensor(lon
         assert chunk not in sent
     # Nor does any run of the features the peer computed from its own speech.
     from p2pser.config import RunConfig
-    from p2pser.partition.plan import extract_for, make_plan
+    from p2pser.partition.experiment import extract_for, make_plan
 
     cfg = RunConfig(partition="iid", features="mfcc", max_seconds=1.5, cache_dir=str(lone_peer["cache_dir"]))
     plan = make_plan(corpus, cfg, 2)

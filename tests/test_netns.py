@@ -36,7 +36,7 @@ def warm_feature_cache(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -
     import numpy as np
 
     from p2pser.config import RunConfig
-    from p2pser.partition.plan import extract_for, make_plan
+    from p2pser.partition.experiment import extract_for, make_plan
 
     folder = tmp_path_factory.getbasetemp() / "secure-feature-cache"
     if not (folder / "warm").exists():

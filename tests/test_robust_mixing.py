@@ -18,8 +18,8 @@ from p2pser.exchange.codec import Decoder
 from p2pser.exchange.mixing import ClippedGossip, Contribution, TrimmedMean, WeightedAverage, make_rule
 from p2pser.exchange.topology import make_topology
 from p2pser.experiments.simulate import simulate_run
-from p2pser.partition.plan import extract_for, make_plan
-from p2pser.partition.plan import test_set as fold_test_set
+from p2pser.partition.experiment import extract_for, make_plan
+from p2pser.partition.experiment import test_set as fold_test_set
 from p2pser.report.summary import summarize
 
 ZERO = {"w": np.zeros(2, np.float32)}

@@ -1,4 +1,4 @@
-"""Folds from the real folds.json files, speaker-independent splits, per-peer partitions, prepare_experiment."""
+"""Folds from the real folds.json files, speaker-independent splits, per-peer partitions, the experiment resolver."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pser.data.features import FeatureSpec
-from p2pser.data.splits import Fold, folds_from_test_speakers, load_folds, partition, split_fold
+from p2pser.config import RunConfig
 from p2pser.errors import UserError
+from p2pser.features.spec import FeatureSpec
+from p2pser.partition.experiment import load_experiment, make_plan
+from p2pser.partition.folds import Fold, folds_from_test_speakers, load_folds, split_fold
+from p2pser.partition.peers import partition
 
 
 def manifest(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -124,9 +127,59 @@ def test_speaker_partition_one_peer_per_speaker(ravdess):
     peers = partition(train, speakers, labels, scheme="speaker")
     check_cover(peers, train)
     assert [set(speakers[p]) for p in peers] == [{s} for s in sorted(set(speakers[train]))]
-    assert len(partition(train, speakers, labels, scheme="speaker", n_peers=22)) == 22
-    with pytest.raises(UserError, match="22"):
-        partition(train, speakers, labels, scheme="speaker", n_peers=8)
+    same = partition(train, speakers, labels, scheme="speaker", n_peers=22, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(peers, same))  # one speaker per peer: no seed involved
+    with pytest.raises(UserError, match="at most 22 peers") as exc:
+        partition(train, speakers, labels, scheme="speaker", n_peers=23)
+    assert "\n" not in str(exc.value)
+
+
+def speakers_of(peers: list[np.ndarray], speakers: np.ndarray) -> list[set[str]]:
+    return [set(speakers[p].tolist()) for p in peers]
+
+
+def test_fewer_peers_than_speakers_spreads_whole_speakers_evenly_by_seed(ravdess):
+    speakers, labels, _ = ravdess
+    train = np.flatnonzero(~np.isin(speakers, ["ravdess_01", "ravdess_02"]))
+    peers = partition(train, speakers, labels, scheme="speaker", n_peers=8, seed=0)
+    check_cover(peers, train)
+    groups = speakers_of(peers, speakers)
+    assert len(groups) == 8 and sum(len(g) for g in groups) == 22  # each speaker on exactly one peer
+    # RAVDESS actors have 60 utterances each: 22 actors on 8 peers is six sites of 3 and two of 2.
+    assert sorted(len(p) for p in peers) == [120] * 2 + [180] * 6
+    again = partition(train, speakers, labels, scheme="speaker", n_peers=8, seed=0)
+    other = partition(train, speakers, labels, scheme="speaker", n_peers=8, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(peers, again))
+    assert speakers_of(other, speakers) != groups
+
+
+def test_speaker_spreading_balances_uneven_speakers():
+    # Sizes 30, 30, 20, 20, 20 on two peers: placing the largest first gives 70/50; a swap reaches 60/60.
+    sizes = {"a": 30, "b": 30, "c": 20, "d": 20, "e": 20}
+    speakers = np.repeat(list(sizes), list(sizes.values()))
+    labels = np.zeros(len(speakers), dtype=np.int64)
+    for seed in range(5):
+        peers = partition(np.arange(len(speakers)), speakers, labels, scheme="speaker", n_peers=2, seed=seed)
+        assert sorted(map(sorted, speakers_of(peers, speakers))) == [["a", "b"], ["c", "d", "e"]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=15), n_peers=st.integers(1, 15),
+       seed=st.integers(0, 2**16))
+def test_speaker_spreading_covers_each_speaker_once_within_one_speaker_of_even(sizes, n_peers, seed):
+    speakers = np.repeat([f"s{i:02d}" for i in range(len(sizes))], sizes)
+    labels = np.zeros(len(speakers), dtype=np.int64)
+    indices = np.arange(len(speakers))
+    if n_peers > len(sizes):
+        with pytest.raises(UserError, match=f"at most {len(sizes)} peers"):
+            partition(indices, speakers, labels, scheme="speaker", n_peers=n_peers, seed=seed)
+        return
+    peers = partition(indices, speakers, labels, scheme="speaker", n_peers=n_peers, seed=seed)
+    check_cover(peers, indices)
+    groups = speakers_of(peers, speakers)
+    assert len(groups) == n_peers and sum(len(g) for g in groups) == len(sizes)
+    loads = [len(p) for p in peers]
+    assert max(loads) - min(loads) <= max(sizes)  # no peer could take another's speaker and end nearer even
 
 
 def test_dirichlet_partition_skews_labels_and_is_deterministic(ravdess):
@@ -194,47 +247,60 @@ def small_ravdess(shared_data: Path, dest: Path, actors: range) -> Path:
     return dest
 
 
-def test_prepare_experiment(shared_data, tmp_path):
-    from p2pser.data.dataset import prepare_experiment
+def test_experiment_resolves_folds_classes_and_labels_from_the_listing(shared_data, tmp_path):
+    from p2pser.experiments.centralized import prepare_pooled
 
     data = small_ravdess(shared_data, tmp_path / "ravdess", range(1, 5))
-    spec = FeatureSpec(kind="logmel", max_seconds=2.0)
     with pytest.raises(UserError, match="--folds FILE or --test-speakers"):
-        prepare_experiment(data, spec, cache_dir=tmp_path / "cache", workers=1, progress=False)
+        load_experiment(data)
 
-    exp = prepare_experiment(data, spec, test_speakers=["ravdess_02"], cache_dir=tmp_path / "cache", workers=1,
-                             progress=False)
-    assert exp.features.x.shape == (32, 64, 201) and exp.classes == sorted(set(exp.classes))
-    split = exp.fold(1, val_fraction=0.25, seed=0)
-    assert set(exp.features.speakers[split.test]) == {"ravdess_02"} and len(split.val) > 0
+    exp = load_experiment(data, test_speakers=["ravdess_02"])
+    assert exp.classes == sorted(set(exp.classes)) and exp.folds_source == "--test-speakers"
+    assert (exp.labels >= 0).all() and len(exp.labels) == 32
+    train, test = exp.split(1)
+    assert set(exp.speakers[test]) == {"ravdess_02"} and not set(exp.speakers[train]) & {"ravdess_02"}
     with pytest.raises(UserError, match="fold 2 does not exist"):
         exp.fold(2)
 
     write(data / "folds.json", {"classes": ["angry", "sad", "neutral"], "folds": [
         {"test_speakers": ["ravdess_01", "ravdess_02"]}, {"test_speakers": ["ravdess_03", "ravdess_04"]}]})
-    exp = prepare_experiment(data, spec, cache_dir=tmp_path / "cache", workers=1, progress=False)
-    assert exp.classes == ["angry", "sad", "neutral"] and exp.features.stats["extracted"] == 0
-    assert {exp.classes[i] for i in exp.features.labels} <= {"angry", "sad", "neutral"}
-    assert [f.number for f in exp.folds] == [1, 2]
-    split = exp.fold(2, seed=1)
-    assert set(exp.features.speakers[split.test]) == {"ravdess_03", "ravdess_04"}
+    exp = load_experiment(data)
+    assert exp.classes == ["angry", "sad", "neutral"] and [f.number for f in exp.folds] == [1, 2]
+    kept = exp.labelled
+    assert [exp.corpus.utterances[i].emotion for i in kept] == [exp.classes[k] for k in exp.labels[kept]]
+    assert all(exp.corpus.utterances[i].emotion not in exp.classes for i in np.flatnonzero(exp.labels < 0))
+    train, test = exp.split(2)
+    assert set(exp.speakers[test]) == {"ravdess_03", "ravdess_04"} and set(train) | set(test) == set(kept)
+
+    pooled = prepare_pooled(data, FeatureSpec(kind="logmel", max_seconds=2.0), cache_dir=tmp_path / "cache",
+                            workers=1, progress=False)
+    f = pooled.features
+    assert f.x.shape[1:] == (64, 201) and len(f) == len(kept) and f.classes == exp.classes
+    split = pooled.split(2, val_fraction=0.5, seed=0)
+    assert set(f.speakers[split.test]) == {"ravdess_03", "ravdess_04"} and len(split.val) > 0
+    assert not set(split.val) & set(split.train)
 
     with pytest.raises(UserError, match="ravdess_07"):
-        prepare_experiment(data, spec, test_speakers=["ravdess_07"], cache_dir=tmp_path / "cache", progress=False)
+        load_experiment(data, test_speakers=["ravdess_07"])
     with pytest.raises(UserError, match="not both"):
-        prepare_experiment(data, spec, folds_path=data / "folds.json", test_speakers=["ravdess_01"])
+        load_experiment(data, folds_path=data / "folds.json", test_speakers=["ravdess_01"])
 
 
-def test_prepare_experiment_on_the_synthetic_corpus_then_peers(synth_corpus, tmp_path):
-    from p2pser.data.dataset import prepare_experiment
+def test_centralized_and_peers_see_the_same_fold_classes_and_labels(synth_corpus, tmp_path):
+    """One resolver: the pooled training set of ``p2pser train`` is exactly the union of the peers' data."""
+    from p2pser.experiments.centralized import prepare_pooled
 
-    exp = prepare_experiment(synth_corpus, FeatureSpec(kind="logmel", max_seconds=2.0), cache_dir=tmp_path,
-                             workers=1, progress=False)
-    folds, classes = load_folds(synth_corpus / "folds.json", exp.corpus.speakers())
-    assert exp.folds == folds and exp.classes == classes and len(exp.features) == 288
-    f = exp.features
-    for fold in exp.folds:
-        split = exp.fold(fold.number, val_fraction=0.1, seed=0)
-        peers = partition(split.train, f.speakers, f.labels, scheme="speaker")
-        assert len(peers) == 4 and all(len(set(f.speakers[p])) == 1 for p in peers)
-        assert not {s for p in peers for s in f.speakers[p]} & set(fold.test_speakers)
+    spec = FeatureSpec(kind="logmel", max_seconds=2.0)
+    pooled = prepare_pooled(synth_corpus, spec, cache_dir=tmp_path, workers=1, progress=False)
+    folds, classes = load_folds(synth_corpus / "folds.json", pooled.experiment.corpus.speakers())
+    assert pooled.experiment.folds == folds and pooled.classes == classes and len(pooled.features) == 288
+    for fold in folds:
+        split = pooled.split(fold.number)
+        for scheme, n_peers in (("speaker", None), ("speaker", 2), ("iid", 3)):
+            plan = make_plan(synth_corpus, RunConfig(fold=fold.number, partition=scheme), n_peers)
+            assert plan.classes == pooled.classes and len(plan.peers) == (n_peers or 4)
+            assert {pooled.row_of[int(i)] for p in plan.peers for i in p} == set(split.train.tolist())
+            assert {pooled.row_of[int(i)] for i in plan.test} == set(split.test.tolist())
+            if scheme == "speaker":  # whole speakers per peer, never a test speaker
+                names = [set(pooled.experiment.speakers[p]) for p in plan.peers]
+                assert sum(map(len, names)) == 4 and not set().union(*names) & set(fold.test_speakers)

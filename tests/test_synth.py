@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile
 
+from p2pser.audio.corpora import load_corpus
+from p2pser.audio.synth import SYNTH_EMOTIONS, make_voices, synthesize_corpus
 from p2pser.cli import main
-from p2pser.data.corpora import load_corpus
-from p2pser.data.synth import SYNTH_EMOTIONS, make_voices, synthesize_corpus
 from p2pser.errors import UserError
 
 

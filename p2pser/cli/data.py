@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from p2pser.data import corpora, synth
+from p2pser.audio import corpora, synth
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

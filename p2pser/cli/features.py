@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from p2pser.data.corpora import load_corpus
-from p2pser.data.features import (
-    KINDS,
-    NORMALIZATIONS,
-    FeatureSet,
-    FeatureSpec,
-    default_cache_dir,
-    extract_features,
-)
+from p2pser.audio.corpora import load_corpus
+from p2pser.audio.decode import NORMALIZATIONS
+from p2pser.features.cache import default_cache_dir
+from p2pser.features.extract import extract_features
+from p2pser.features.kinds import KINDS
+from p2pser.features.spec import FeatureSet, FeatureSpec
 
 _DEFAULT = FeatureSpec()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from p2pser.cli.features import add_spec_arguments, spec_from_args
-from p2pser.data.features import default_cache_dir
 from p2pser.experiments.centralized import DEFAULT_FEATURES, DEFAULT_MODEL, format_results, train_centralized
+from p2pser.features.cache import default_cache_dir
 from p2pser.learn.models import MODEL_NAMES
 from p2pser.learn.trainer import recommended_config
 from p2pser.runtime import pin_threads

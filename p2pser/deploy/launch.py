@@ -22,7 +22,7 @@ from p2pser.config import RunConfig, config_to_dict
 from p2pser.exchange.algorithms import spec_of
 from p2pser.exchange.topology import Topology, save_topology
 from p2pser.learn.tasks import CLASSIFICATION
-from p2pser.partition.plan import extract_for, make_plan, test_set
+from p2pser.partition.experiment import extract_for, make_plan, test_set
 from p2pser.report.run_folder import peer_dir, prepare_out_dir
 from p2pser.report.summary import read_metrics, read_status, report_run
 

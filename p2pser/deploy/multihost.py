@@ -46,7 +46,7 @@ from p2pser.config import RunConfig, read_toml
 from p2pser.deploy.launch import progress_line, write_config_toml
 from p2pser.errors import UserError
 from p2pser.exchange.topology import KINDS, Topology, make_topology, save_topology
-from p2pser.partition.plan import extract_for, make_plan, test_set
+from p2pser.partition.experiment import extract_for, make_plan, test_set
 from p2pser.report.run_folder import peer_dir, prepare_out_dir
 from p2pser.report.summary import read_status, report_run
 

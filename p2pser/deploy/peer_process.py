@@ -24,7 +24,7 @@ from p2pser.exchange.algorithms import spec_of
 from p2pser.exchange.checkpoint import Checkpointer
 from p2pser.exchange.peer import build_peer
 from p2pser.exchange.topology import Topology
-from p2pser.partition.plan import extract_for, make_plan, test_set
+from p2pser.partition.experiment import extract_for, make_plan, test_set
 from p2pser.report.metrics_log import MetricsWriter
 from p2pser.report.run_folder import METRICS, STATUS, peer_dir, write_json_atomic
 from p2pser.runtime import ensure_numba_cache, pin_threads

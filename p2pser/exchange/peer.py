@@ -24,7 +24,7 @@ from p2pser.exchange.topology import Topology, metropolis_hastings_weights
 from p2pser.learn.data import PeerData
 from p2pser.learn.learner import Learner, TorchLearner
 from p2pser.learn.tasks import task_named
-from p2pser.partition.plan import rows
+from p2pser.partition.experiment import rows
 
 log = logging.getLogger(__name__)
 

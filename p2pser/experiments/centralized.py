@@ -1,8 +1,9 @@
 """Centralized baseline: pool the training speakers' data, train one model per fold, test on held-out speakers.
 
 This is the upper reference the decentralized runs are compared with (``p2pser train``, and the
-simulator's ``--baseline centralized``). It uses the same experiment preparation, normalisation rule
-(training statistics only), model registry and ``LocalTrainer`` as the peers.
+simulator's ``--baseline centralized``). It resolves folds, classes and labels as the peers do
+(``p2pser.partition.experiment``) and uses their normalisation rule (training statistics only), model
+registry and ``LocalTrainer``.
 
 Run folder::
 
@@ -20,20 +21,22 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from p2pser.data.dataset import Experiment, prepare_experiment
-from p2pser.data.features import FeatureSpec, Normalizer
 from p2pser.errors import UserError
+from p2pser.features.spec import FeatureSet, FeatureSpec
 from p2pser.learn.metrics import classification_report
 from p2pser.learn.models import MODEL_NAMES, build_model, count_parameters
+from p2pser.learn.normalize import Normalizer
 from p2pser.learn.tasks import CLASSIFICATION, Task
 from p2pser.learn.trainer import LocalTrainer, TrainConfig, predict_scores, recommended_config
+from p2pser.partition.experiment import Experiment, load_experiment, rows
+from p2pser.partition.folds import Split, hold_out
 from p2pser.report.plots import confusion_plot
 from p2pser.report.run_folder import SUMMARY, prepare_out_dir
 
@@ -41,6 +44,45 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "cnn1d-shallow"
 DEFAULT_FEATURES = "mfcc"
+
+
+@dataclass
+class Pooled:
+    """An experiment with the features of all its utterances, pooled as centralized training uses them."""
+
+    experiment: Experiment
+    features: FeatureSet
+    row_of: dict[int, int]  # corpus utterance index -> row of features
+
+    @property
+    def classes(self) -> list[str]:
+        return self.experiment.classes
+
+    def split(self, number: int, *, val_fraction: float = 0.0, seed: int = 0) -> Split:
+        """Rows of ``features`` for fold ``number``: its test speakers, and its training speakers' usable
+        utterances less a class-stratified ``val_fraction`` held out for validation."""
+        train, test = (rows(self.row_of, part) for part in self.experiment.split(number))
+        val = hold_out(train, self.features.labels, val_fraction, seed)
+        return Split(train=np.setdiff1d(train, val).astype(np.int64), val=val, test=test)
+
+
+def prepare_pooled(
+    data_dir: str | Path,
+    spec: FeatureSpec,
+    *,
+    folds_path: str | Path | None = None,
+    test_speakers: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Pooled:
+    """Resolve the data folder's experiment (``load_experiment``) and extract (or load cached) features."""
+    experiment = load_experiment(data_dir, folds_path=folds_path, test_speakers=test_speakers)
+    # Every utterance, not only the labelled ones: the extractor then reports those outside the classes.
+    features, row_of = experiment.extract(
+        np.arange(len(experiment.corpus.utterances)), spec, cache_dir=cache_dir, workers=workers, progress=progress
+    )
+    return Pooled(experiment, features, row_of)
 
 
 def parse_folds(fold: int | str | Sequence[int], n_folds: int) -> list[int]:
@@ -63,7 +105,7 @@ def parse_folds(fold: int | str | Sequence[int], n_folds: int) -> list[int]:
 
 
 def _fit_fold(
-    experiment: Experiment,
+    data: Pooled,
     number: int,
     model_name: str,
     cfg: TrainConfig,
@@ -74,17 +116,18 @@ def _fit_fold(
     progress: bool,
     task: Task,
 ) -> dict:
-    fs = experiment.features
-    split = experiment.fold(number, val_fraction=val_fraction, seed=seed)
-    if len(split.train) == 0:
-        raise UserError(f"fold {number} leaves no training utterances")
+    fs = data.features
+    split = data.split(number, val_fraction=val_fraction, seed=seed)
+    if len(split.train) == 0 or len(split.test) == 0:
+        raise UserError(f"fold {number} leaves {len(split.train)} usable training and {len(split.test)} test "
+                        "utterances")
     # Statistics from the training part only: test speakers must not leak into the model's inputs.
     norm = Normalizer.fit(fs.x[split.train], fs.lengths[split.train])
     x_train = norm.apply(fs.x[split.train], fs.lengths[split.train])
     x_val = norm.apply(fs.x[split.val], fs.lengths[split.val])
     x_test = norm.apply(fs.x[split.test], fs.lengths[split.test])
     y_train, y_val, y_test = fs.labels[split.train], fs.labels[split.val], fs.labels[split.test]
-    classes = experiment.classes
+    classes = data.classes
 
     model = build_model(model_name, x_train.shape[1], x_train.shape[2], len(classes), seed=seed)
     trainer = LocalTrainer(model, x_train, y_train, len(classes), cfg, seed=seed)
@@ -129,7 +172,7 @@ def _fit_fold(
 
 
 def train_experiment(
-    experiment: Experiment,
+    data: Pooled,
     fold_numbers: Sequence[int],
     model_name: str,
     train_cfg: TrainConfig,
@@ -140,7 +183,7 @@ def train_experiment(
     progress: bool = True,
     task: Task = CLASSIFICATION,
 ) -> dict:
-    """Train and test one model per fold of a prepared experiment; write the run folder; return the summary.
+    """Train and test one model per fold of a pooled experiment; write the run folder; return the summary.
 
     ``val_fraction`` > 0 holds out that share of the training speakers' utterances and keeps the epoch
     with the best validation UA; 0 trains on everything and keeps the last epoch.
@@ -153,11 +196,11 @@ def train_experiment(
     reports = []
     for number in tqdm(folds, desc="folds", unit="fold", disable=not progress or len(folds) == 1):
         reports.append(
-            _fit_fold(experiment, number, model_name, train_cfg, seed=seed, val_fraction=val_fraction,
+            _fit_fold(data, number, model_name, train_cfg, seed=seed, val_fraction=val_fraction,
                       fold_dir=out / f"fold-{number}", progress=progress, task=task)
         )
-    fs = experiment.features
-    classes = experiment.classes
+    fs = data.features
+    classes = data.classes
     confusion = np.sum([np.asarray(r["confusion"]) for r in reports], axis=0)
     pooled = _report_from_confusion(confusion, classes)
     summary = {
@@ -177,7 +220,7 @@ def train_experiment(
         "train_config": asdict(train_cfg),
         "seed": seed,
         "val_fraction": val_fraction,
-        "folds_source": experiment.folds_source,
+        "folds_source": data.experiment.folds_source,
         "n_utterances": len(fs),
         "wall_s": round(time.perf_counter() - start, 2),  # training and testing; callers may add preparation
     }
@@ -226,13 +269,13 @@ def train_centralized(
     spec = spec or FeatureSpec(kind=features)
     if isinstance(test_speakers, str):
         test_speakers = [s for s in test_speakers.split(",") if s.strip()]
-    experiment = prepare_experiment(
+    pooled = prepare_pooled(
         data_dir, spec, folds_path=folds_path, test_speakers=list(test_speakers) if test_speakers else None,
         cache_dir=cache_dir, workers=workers, progress=progress,
     )
-    numbers = parse_folds(fold if not test_speakers else 1, len(experiment.folds))
+    numbers = parse_folds(fold if not test_speakers else 1, len(pooled.experiment.folds))
     cfg = train_cfg or recommended_config(model_name)
-    summary = train_experiment(experiment, numbers, model_name, cfg, seed=seed, out_dir=out,
+    summary = train_experiment(pooled, numbers, model_name, cfg, seed=seed, out_dir=out,
                                val_fraction=val_fraction, progress=progress)
     summary.update(data_dir=str(data_dir), wall_s=round(time.perf_counter() - start, 2))
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))

@@ -18,7 +18,7 @@ from p2pser.config import RunConfig
 from p2pser.exchange.attacks import attacking_peers
 from p2pser.exchange.peer import build_peer
 from p2pser.exchange.topology import Topology
-from p2pser.partition.plan import Plan, extract_for, test_set
+from p2pser.partition.experiment import Plan, extract_for, test_set
 from p2pser.report.run_folder import STATUS, peer_dir, write_json_atomic
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from p2pser.config import RunConfig, SimConfig
 from p2pser.errors import UserError
 from p2pser.exchange.topology import Topology, draw_topology, load_topology, make_topology
 from p2pser.experiments.simulate import simulate_run
-from p2pser.partition.plan import extract_for, make_plan
+from p2pser.partition.experiment import extract_for, make_plan
 from p2pser.runtime import pin_threads
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_baseline(data_dir: str | Path, cfg: RunConfig, n_peers: int, out_dir: Pa
     """The pooled-data model with the same model, features and epoch budget as the ``n_peers`` peers."""
     from p2pser.config import train_config
     from p2pser.experiments.centralized import train_centralized
-    from p2pser.partition.plan import feature_spec
+    from p2pser.partition.experiment import feature_spec
 
     plan = make_plan(data_dir, cfg, n_peers)
     mean_own = np.mean([len(p) for p in plan.peers]) * (1 - cfg.val_fraction)

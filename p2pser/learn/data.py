@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2pser.data.features import Normalizer
+from p2pser.learn.normalize import Normalizer
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Model zoo for speech emotion recognition on feature sequences, and a registry by name.
 
 Every model takes features ``x`` of shape ``[batch, channels, frames]`` (the layout of
-``p2pser.data.features.FeatureSet.x``) and returns class scores ``[batch, n_classes]``. Models are plain
+``p2pser.features.spec.FeatureSet.x``) and returns class scores ``[batch, n_classes]``. Models are plain
 ``nn.Module`` objects whose floating-point ``state_dict()`` tensors are exactly what gossip peers average.
 
 Normalisation is GroupNorm/LayerNorm, never BatchNorm: BatchNorm's running statistics are buffers that

@@ -46,7 +46,7 @@ def average_model_score(run_dir: Path, model_name: str, seed: int,
     Each peer normalises inputs with its own statistics, so the average model is scored under peers'
     normalisers and the scores are averaged: the figure a randomly chosen peer would see with that model.
     """
-    from p2pser.data.features import Normalizer
+    from p2pser.learn.normalize import Normalizer
 
     x_test, y_test, lengths = test
     saved = load_models(Path(run_dir))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from p2pser.data.corpora import Corpus, load_corpus
+from p2pser.audio.corpora import Corpus, load_corpus
 from p2pser.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,174 @@
+"""From a data folder to who trains and tests on which utterances: the one data path of every run.
+
+``load_experiment`` resolves, from the corpus listing alone (no audio read), the folds (a folds file or
+``--test-speakers``), the classes and their order, and each utterance's label (``encode_labels``, the one
+rule the feature extractor labels rows by too). From it come a fold's train and test utterances and, for
+decentralized runs, the ``Plan`` that partitions the training utterances into peers. ``p2pser train``,
+``simulate``, ``launch`` and every ``peer`` resolve a folder the same way, so for the same folder, settings
+and seed they see the same utterances, labels and folds.
+
+Features are extracted afterwards, only for the utterances a caller needs: a real peer asks for its own
+utterances and the test set and never touches another peer's speech.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from p2pser.audio.corpora import Corpus, load_corpus
+from p2pser.config import RunConfig
+from p2pser.errors import UserError
+from p2pser.features.extract import extract_features
+from p2pser.features.spec import FeatureSet, FeatureSpec, encode_labels
+from p2pser.learn.models import MODEL_NAMES
+from p2pser.partition.folds import Fold, folds_from_test_speakers, load_folds, split_fold
+from p2pser.partition.peers import partition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Experiment:
+    corpus: Corpus
+    folds: list[Fold]
+    folds_source: str  # the folds file, or "--test-speakers"
+    classes: list[str]  # label order: the folds file's "classes", else the corpus's emotions sorted
+    labels: np.ndarray  # int64 per corpus utterance: index into classes, -1 when its emotion is not a class
+    speakers: np.ndarray  # str per corpus utterance
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """Indices of the utterances whose emotion is one of the classes: all that any run uses."""
+        return np.flatnonzero(self.labels >= 0)
+
+    def fold(self, number: int) -> Fold:
+        """Fold ``number`` (1-based)."""
+        if not 1 <= number <= len(self.folds):
+            raise UserError(f"fold {number} does not exist: {self.folds_source} has folds 1..{len(self.folds)}")
+        return self.folds[number - 1]
+
+    def split(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted indices into ``corpus.utterances`` of fold ``number``'s training and test utterances."""
+        kept = self.labelled
+        split = split_fold(self.speakers[kept], self.labels[kept], self.fold(number), val_fraction=0.0)
+        return kept[split.train], kept[split.test]
+
+    def plan(self, number: int, *, scheme: str, n_peers: int | None, alpha: float = 0.5, seed: int = 0) -> Plan:
+        """Fold ``number`` with its training utterances partitioned into peers (``p2pser.partition.peers``)."""
+        train, test = self.split(number)
+        peers = partition(train, self.speakers, self.labels, scheme=scheme, n_peers=n_peers, alpha=alpha, seed=seed)
+        return Plan(self, self.fold(number), [np.sort(p) for p in peers], np.sort(test))
+
+    def extract(
+        self, indices: np.ndarray, spec: FeatureSpec, *, cache_dir: str | Path | None = None,
+        workers: int | None = None, progress: bool = False,
+    ) -> tuple[FeatureSet, dict[int, int]]:
+        """Features of the given utterances only, and a map from utterance index to feature row.
+
+        Files that cannot be read are skipped by the extractor (with a logged reason) and are absent from
+        the map, so callers select rows through it (``rows``) rather than assuming alignment.
+        """
+        indices = [int(i) for i in indices]
+        features = extract_features(
+            [self.corpus.utterances[i] for i in indices], spec, classes=self.classes, cache_dir=cache_dir,
+            workers=workers, progress=progress,
+        )
+        row_of_path = {str(u.path): row for row, u in enumerate(features.utterances)}
+        paths = {i: str(self.corpus.utterances[i].path) for i in indices}
+        return features, {i: row_of_path[p] for i, p in paths.items() if p in row_of_path}
+
+
+def load_experiment(
+    data_dir: str | Path, *, folds_path: str | Path | None = None, test_speakers: list[str] | None = None
+) -> Experiment:
+    """Read the corpus listing in ``data_dir`` and resolve its folds, classes and labels (no audio is read).
+
+    Folds come from ``test_speakers`` (one fold), else ``folds_path``, else ``data_dir/folds.json``. A
+    "classes" list in the folds file fixes the label order and drops other emotions; otherwise the classes
+    are the corpus's emotions, sorted.
+    """
+    if test_speakers and folds_path is not None:
+        raise UserError("give either --folds or --test-speakers, not both")
+    corpus = load_corpus(data_dir)
+    classes: list[str] | None = None
+    if test_speakers:
+        folds, source = folds_from_test_speakers(test_speakers, corpus.speakers()), "--test-speakers"
+    else:
+        path = Path(folds_path) if folds_path is not None else Path(data_dir) / "folds.json"
+        if folds_path is None and not path.is_file():
+            raise UserError(
+                f"{data_dir} has no folds.json: pass --folds FILE or --test-speakers SPEAKER[,SPEAKER...]"
+            )
+        folds, classes = load_folds(path, corpus.speakers())
+        source = str(path)
+    classes = list(classes) if classes else corpus.emotions()
+    labels = encode_labels([u.emotion for u in corpus.utterances], classes)
+    log.info("%s: %d of %d utterances in %d classes, %d folds from %s", data_dir, int((labels >= 0).sum()),
+             len(labels), len(classes), len(folds), source)
+    return Experiment(corpus=corpus, folds=folds, folds_source=source, classes=classes, labels=labels,
+                      speakers=np.array([u.speaker for u in corpus.utterances]))
+
+
+# ---- decentralized runs: the plan every peer process, the launcher and the simulator compute alike ----
+
+
+@dataclass
+class Plan:
+    experiment: Experiment
+    fold: Fold
+    peers: list[np.ndarray]  # per peer: indices into corpus.utterances of its own (train + val) data
+    test: np.ndarray  # indices of the fold's test utterances
+
+    @property
+    def corpus(self) -> Corpus:
+        return self.experiment.corpus
+
+    @property
+    def classes(self) -> list[str]:
+        return self.experiment.classes
+
+    @property
+    def n_peers(self) -> int:
+        return len(self.peers)
+
+
+def make_plan(data_dir: str | Path, cfg: RunConfig, n_peers: int | None = None) -> Plan:
+    """The run's fold and partition from the configuration (``n_peers`` None: one peer per training
+    speaker, which only the speaker partition can choose)."""
+    # Names are checked before anything is read, so a typo costs no feature extraction.
+    if cfg.model not in MODEL_NAMES:
+        raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    feature_spec(cfg)
+    if n_peers is None and cfg.partition != "speaker":
+        raise UserError(f"--partition {cfg.partition} needs a number of peers (--peers N or a topology)")
+    experiment = load_experiment(
+        data_dir, folds_path=cfg.folds, test_speakers=cfg.test_speakers.split(",") if cfg.test_speakers else None
+    )
+    return experiment.plan(cfg.fold, scheme=cfg.partition, n_peers=n_peers, alpha=cfg.alpha, seed=cfg.seed)
+
+
+def feature_spec(cfg: RunConfig) -> FeatureSpec:
+    return FeatureSpec(kind=cfg.features, max_seconds=cfg.max_seconds)
+
+
+def extract_for(
+    plan: Plan, indices: np.ndarray, cfg: RunConfig, *, workers: int | None = None, progress: bool = False
+) -> tuple[FeatureSet, dict[int, int]]:
+    """``Experiment.extract`` with the run's feature settings."""
+    return plan.experiment.extract(indices, feature_spec(cfg), cache_dir=cfg.cache_dir, workers=workers,
+                                   progress=progress)
+
+
+def rows(mapping: dict[int, int], indices: np.ndarray) -> np.ndarray:
+    """Feature rows of those ``indices`` whose audio could be used."""
+    return np.array([mapping[int(i)] for i in indices if int(i) in mapping], dtype=np.int64)
+
+
+def test_set(features: FeatureSet, row_of: dict[int, int], plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, labels, lengths) of the fold's test utterances that could be read."""
+    test_rows = rows(row_of, plan.test)
+    return features.x[test_rows], features.labels[test_rows], features.lengths[test_rows]

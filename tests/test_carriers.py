@@ -25,13 +25,16 @@ from p2pser.carriers.transport import ZmqTransport
 from p2pser.config import RunConfig
 from p2pser.exchange import algorithms
 from p2pser.exchange.peer import Peer, make_learner
-from p2pser.exchange.topology import make_topology, metropolis_hastings_weights
+from p2pser.exchange.topology import make_topology, metropolis_hastings_weights, rounds_to_agree
+from p2pser.features.normalize import standardize_by_speaker
 from p2pser.learn.data import PeerData
 from p2pser.report.metrics_log import MetricsWriter
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"time", "deadline_s", "wait_s"}
+# Clock readings, and what they decide: whether a neighbour's next-round model is already in when a real
+# peer writes its row moves bytes_received from one row to the next.
+TIMING = {"time", "deadline_s", "wait_s", "bytes_received"}
 DEAD = 3
 GARBAGE = [b"\x93not a p2pser header", b"junk"]
 # Peer 3's neighbours wait for it in round 0 only: long enough for every live neighbour's first model to
@@ -52,15 +55,21 @@ def make_peers(cfg: RunConfig = CFG, topology=None, per_peer: int = 18) -> list[
     x += y[:, None, None].astype(np.float32) * 0.3  # learnable, so UA moves between rounds
     x += (np.arange(n) * 7 % 5)[:, None, None].astype(np.float32) * 0.2  # and shifted differently per block
     lengths = np.full(n, frames)
+    speakers = np.array(["test"] * 24 + [f"s{k}" for k in range(topology.n) for _ in range(per_peer)])
     test = (x[:24], y[:24], lengths[:24])
+    if cfg.normalizer == "speaker":
+        test = (standardize_by_speaker(x[:24], lengths[:24], speakers[:24]), y[:24], lengths[:24])
     w = metropolis_hastings_weights(topology)
     peers = []
     for k in range(topology.n):
         own = np.arange(24 + per_peer * k, 24 + per_peer * (k + 1))
-        data = PeerData.from_arrays(x, y, lengths, own, test, classes, val_fraction=0.2, seed=k)
+        data = PeerData.from_arrays(x, y, lengths, own, test, classes, val_fraction=0.2, seed=k,
+                                    mode=cfg.normalizer, speakers=speakers)
         neighbours = topology.neighbours(k)
-        peers.append(Peer(k, neighbours, make_learner(data, cfg, k), cfg,
-                          mix_weights={j: float(w[k, j]) for j in [*neighbours, k]}))
+        peer = Peer(k, neighbours, make_learner(data, cfg, k), cfg,
+                    mix_weights={j: float(w[k, j]) for j in [*neighbours, k]})
+        peer.statistics_rounds = rounds_to_agree(topology, cfg.stats_tolerance)
+        peers.append(peer)
     return peers
 
 
@@ -69,8 +78,8 @@ def read_rows(folder) -> dict[int, list[dict]]:
             for k in range(DEAD)}
 
 
-def run_realtime(tmp_path) -> dict[int, list[dict]]:
-    peers = make_peers()[:DEAD]
+def run_realtime(tmp_path, cfg: RunConfig) -> dict[int, list[dict]]:
+    peers = make_peers(cfg)[:DEAD]
     base = free_base_port(4)
     endpoints = {k: f"tcp://127.0.0.1:{base + k}" for k in range(4)}  # nobody ever listens on peer 3's
     transports = {p.id: ZmqTransport(p.id, endpoints[p.id], {j: endpoints[j] for j in p.neighbours})
@@ -106,32 +115,35 @@ def run_realtime(tmp_path) -> dict[int, list[dict]]:
     return read_rows(tmp_path)
 
 
-def run_simulated(tmp_path) -> dict[int, list[dict]]:
-    peers = make_peers()
+def run_simulated(tmp_path, cfg: RunConfig) -> dict[int, list[dict]]:
+    peers = make_peers(cfg)
     faults = FaultPlan(churn=(Outage(DEAD, NEVER_STARTED, None),))
-    sim = Simulator(peers, make_topology("ring", 4), CFG, faults, tmp_path)
+    sim = Simulator(peers, make_topology("ring", 4), cfg, faults, tmp_path)
     sim.inject(0.0, 0, DEAD, GARBAGE)
     sim.run()
     return {k: [json.loads(line) for line in (tmp_path / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
             for k in range(DEAD)}
 
 
-def test_realtime_and_simulated_carriers_write_the_same_rows(tmp_path):
+@pytest.mark.parametrize("normalizer", ["local", "global"])
+def test_realtime_and_simulated_carriers_write_the_same_rows(tmp_path, normalizer):
+    """With ``global`` the peers first agree on normalisation statistics, a phase of its own messages."""
+    cfg = CFG.replace(normalizer=normalizer)
     (tmp_path / "real").mkdir()
-    real = run_realtime(tmp_path / "real")
-    simulated = run_simulated(tmp_path / "sim")
+    real = run_realtime(tmp_path / "real", cfg)
+    simulated = run_simulated(tmp_path / "sim", cfg)
     for k in range(DEAD):
-        assert len(real[k]) == len(simulated[k]) == CFG.rounds
+        assert len(real[k]) == len(simulated[k]) == cfg.rounds
         for a, b in zip(real[k], simulated[k]):
             assert a.keys() == b.keys()
             for key in a.keys() - TIMING:
                 assert a[key] == b[key], f"peer {k} round {a['round']}: {key} real {a[key]!r}, simulated {b[key]!r}"
     # The scenario did what it says, in both: the lie was counted, peer 3 was waited for once and then
     # never again, and peers 0 and 2 heard only peer 1 while peer 1 heard both.
-    assert [r["rejected"] for r in real[0]] == [1] * CFG.rounds
-    assert [r["rejected"] for r in real[1]] == [0] * CFG.rounds
-    assert [r["heard"] for r in real[0]] == [r["heard"] for r in real[2]] == [1] * CFG.rounds
-    assert [r["heard"] for r in real[1]] == [2] * CFG.rounds
-    assert real[0][0]["deadline_s"] == CFG.startup_timeout
+    assert [r["rejected"] for r in real[0]] == [1] * cfg.rounds
+    assert [r["rejected"] for r in real[1]] == [0] * cfg.rounds
+    assert [r["heard"] for r in real[0]] == [r["heard"] for r in real[2]] == [1] * cfg.rounds
+    assert [r["heard"] for r in real[1]] == [2] * cfg.rounds
+    assert real[0][0]["deadline_s"] == cfg.startup_timeout
     assert all(r["dropped"] == 0 for rows in real.values() for r in rows)
     assert real[0][-1]["test_ua"] > 1 / 3  # learning happened

@@ -24,8 +24,8 @@ from p2pser.features import extract
 from p2pser.features.cache import Cache, Index, default_cache_dir
 from p2pser.features.extract import extract_features
 from p2pser.features.kinds import KINDS, Kind
+from p2pser.features.normalize import Normalizer
 from p2pser.features.spec import FeatureSpec
-from p2pser.learn.normalize import Normalizer
 
 
 def manifest_utterances(root: Path, step: int = 1, limit: int | None = None) -> list[Utterance]:

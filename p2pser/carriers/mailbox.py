@@ -36,7 +36,10 @@ class Mailbox:
         spec = spec_of(peer.config.algorithm)
         self.synchronous = spec.synchronous
         # Models carry what the algorithm sends with them; answers to a pull carry the learner's state alone.
-        self.decoder = Decoder(peer.template, templates={"model": spec.message_template(peer.template)})
+        templates = {"model": spec.message_template(peer.template)}
+        if peer.config.normalizer == "global":
+            templates["stats"] = peer.learner.moments_template()
+        self.decoder = Decoder(peer.template, templates=templates)
         self.inbox = Inbox(peer.neighbours, rounds=schedule_length(peer.config))
         self.metrics = metrics
         self.checkpointer = checkpointer

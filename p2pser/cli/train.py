@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from p2pser.cli.features import add_spec_arguments, spec_from_args
+from p2pser.config import NORMALIZERS, RunConfig
 from p2pser.experiments.centralized import DEFAULT_FEATURES, DEFAULT_MODEL, format_results, train_centralized
 from p2pser.features.cache import default_cache_dir
 from p2pser.learn.models import MODEL_NAMES
@@ -32,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this share of training utterances and keep the epoch with the best validation "
                         "UA (default 0: train on all, keep the last epoch)")
+    p.add_argument("--normalizer", choices=NORMALIZERS, default=RunConfig().normalizer,
+                   help="feature standardisation: each speaker by their own statistics (test speakers too, from "
+                        "their own unlabelled audio), or the training data's statistics (global, local) "
+                        f"[{RunConfig().normalizer}]")
     p.add_argument("--seed", type=int, default=0, help="seed for initial weights, shuffling, augmentation")
     p.add_argument("--threads", type=int, default=1,
                    help="torch/BLAS threads (default 1: fastest when other work shares the cores)")
@@ -50,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         args.data_dir, args.out, folds_path=args.folds, fold=args.fold, test_speakers=args.test_speakers,
         model_name=args.model, spec=spec_from_args(args), train_cfg=cfg, seed=args.seed,
         val_fraction=args.val_fraction, cache_dir=args.cache_dir, workers=args.workers,
-        progress=not args.no_progress,
+        progress=not args.no_progress, normalizer=args.normalizer,
     )
     print(format_results(summary))
     print(f"results: {args.out}/summary.json, confusion matrix: {args.out}/confusion.png")

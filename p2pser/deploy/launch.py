@@ -84,7 +84,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
     # Fill the feature cache once, in parallel; every peer then reads its own rows from it.
     needed = np.unique(np.concatenate([*plan.peers, plan.test]))
     features, row_of = extract_for(plan, needed, cfg, progress=not quiet)
-    test = test_set(features, row_of, plan)
+    test = test_set(features, row_of, plan, cfg.normalizer)
     del features
 
     procs: dict[int, subprocess.Popen] = {}

@@ -176,7 +176,7 @@ def summarize_gathered(out: Path, topology: Topology, data_dir: str | Path, cfg:
     """``summary.json`` of a run folder holding every peer's folder, scored on the local copy of the data."""
     plan = make_plan(data_dir, cfg, topology.n)
     features, row_of = extract_for(plan, plan.test, cfg, workers=1)
-    test = test_set(features, row_of, plan)
+    test = test_set(features, row_of, plan, cfg.normalizer)
     base = base | {"security": security_on(cfg.security, topology),
                    "hosts": sorted({p.host for p in topology.peers})}
     return report_run(out, base, cfg, test, plan.classes, wall_s=wall_s)

@@ -53,7 +53,7 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         plan = make_plan(data_dir, cfg, topology.n)
         needed = np.concatenate([plan.peers[peer_id], plan.test])
         features, row_of = extract_for(plan, needed, cfg, workers=1)
-        peer = build_peer(plan, topology, peer_id, cfg, features, row_of, test_set(features, row_of, plan))
+        peer = build_peer(plan, topology, peer_id, cfg, features, row_of, test_set(features, row_of, plan, cfg.normalizer))
         del features
         saver = Checkpointer(peer, folder, cfg.checkpoint_every)
         resumed = cfg.resume == "auto" and saver.resume()

@@ -365,15 +365,17 @@ def agree_statistics(peer: Peer) -> Generator[Any, Any, None]:
     values = peer.learner.moments()
     weights = {j: peer.mix_weights[j] for j in [*peer.neighbours, peer.id]}
     average = WeightedAverage()
+    suspects: set[int] = set()
     for k in range(peer.statistics_rounds):
         yield Send(tuple(peer.neighbours), encode(values, sender=peer.id, round=k, samples=peer.samples,
                                                  kind="stats"))
-        got: Gathered = yield Gather("stats", k, frozenset(peer.neighbours),
-                                     cfg.startup_timeout if k == 0 else cfg.round_timeout)
-        missing = set(peer.neighbours) - set(got.messages)
+        expect = frozenset(peer.neighbours) - suspects
+        got: Gathered = yield Gather("stats", k, expect, cfg.startup_timeout if k == 0 else cfg.round_timeout)
+        missing = expect - set(got.messages)
         if missing:
             log.warning("peer %d: statistics round %d went on without %s; the agreed statistics are then "
                         "only approximately the pooled ones", peer.id, k, sorted(missing))
+        suspects = _suspects_after(suspects, peer.neighbours, got)
         others = [Contribution(s, weights[s], m.tensors) for s, m in sorted(got.messages.items())]
         values = average.mix(values, weights[peer.id], others)
     peer.learner.adopt_moments(values)

@@ -20,7 +20,7 @@ from p2pser.errors import UserError
 from p2pser.exchange.attacks import Attacking, is_attacker
 from p2pser.exchange.codec import Message, encode
 from p2pser.exchange.mixing import Contribution, MixingRule, consensus_distance, make_rule
-from p2pser.exchange.topology import Topology, metropolis_hastings_weights
+from p2pser.exchange.topology import Topology, metropolis_hastings_weights, rounds_to_agree
 from p2pser.learn.data import PeerData
 from p2pser.learn.learner import Learner, TorchLearner
 from p2pser.learn.tasks import task_named
@@ -53,6 +53,7 @@ class Peer:
         # What the algorithm carries from round to round besides the learner (the registry names it, e.g.
         # gradient tracking's tracker): checkpointed with the peer, restored on resume.
         self.algorithm_state: dict[str, Any] = {}
+        self.statistics_rounds = 0  # rounds of agreeing on normalisation statistics (--normalizer global)
 
     @property
     def samples(self) -> int:
@@ -127,7 +128,8 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
                test: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Peer:
     """The one way a peer is assembled, shared by real processes and the simulator.
 
-    ``test`` is the fold's test set (x, y, lengths), passed in so that simulated peers share one copy.
+    ``test`` is the fold's test set (x, y, lengths; ``test_set``), passed in so that simulated peers share
+    one copy.
     """
     own = rows(row_of, plan.peers[peer_id])
     if len(own) == 0:
@@ -135,9 +137,13 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
                         "files were skipped (reasons above); fix or remove them, or use fewer peers")
     data = PeerData.from_arrays(
         features.x, features.labels, features.lengths, own, test, plan.classes,
-        val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id,
+        val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id, mode=cfg.normalizer,
+        speakers=features.speakers,
     )
     w = metropolis_hastings_weights(topology)
     neighbours = topology.neighbours(peer_id)
-    return Peer(peer_id, neighbours, make_learner(data, cfg, peer_id), cfg,
+    peer = Peer(peer_id, neighbours, make_learner(data, cfg, peer_id), cfg,
                 mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]})
+    if cfg.normalizer == "global":
+        peer.statistics_rounds = rounds_to_agree(topology, cfg.stats_tolerance)
+    return peer

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from p2pser.config import RunConfig
 from p2pser.errors import UserError
+from p2pser.features.normalize import Normalizer, standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec
 from p2pser.learn.metrics import classification_report
 from p2pser.learn.models import MODEL_NAMES, build_model, count_parameters
-from p2pser.learn.normalize import Normalizer
 from p2pser.learn.tasks import CLASSIFICATION, Task
 from p2pser.learn.trainer import LocalTrainer, TrainConfig, predict_scores, recommended_config
 from p2pser.partition.experiment import Experiment, load_experiment, rows
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "cnn1d-shallow"
 DEFAULT_FEATURES = "mfcc"
+DEFAULT_NORMALIZER = RunConfig().normalizer  # pooled and decentralized runs default to the same mode
 
 
 @dataclass
@@ -115,17 +117,27 @@ def _fit_fold(
     fold_dir: Path,
     progress: bool,
     task: Task,
+    normalizer: str,
 ) -> dict:
     fs = data.features
     split = data.split(number, val_fraction=val_fraction, seed=seed)
     if len(split.train) == 0 or len(split.test) == 0:
         raise UserError(f"fold {number} leaves {len(split.train)} usable training and {len(split.test)} test "
                         "utterances")
-    # Statistics from the training part only: test speakers must not leak into the model's inputs.
-    norm = Normalizer.fit(fs.x[split.train], fs.lengths[split.train])
-    x_train = norm.apply(fs.x[split.train], fs.lengths[split.train])
-    x_val = norm.apply(fs.x[split.val], fs.lengths[split.val])
-    x_test = norm.apply(fs.x[split.test], fs.lengths[split.test])
+    if normalizer == "speaker":
+        # Each speaker by their own audio, test speakers included (their unlabelled test utterances).
+        norm = Normalizer.identity(fs.x.shape[1])
+        own = np.concatenate([split.train, split.val])  # training speakers: all their utterances
+        scaled = standardize_by_speaker(fs.x[own], fs.lengths[own], fs.speakers[own])
+        x_train, x_val = scaled[: len(split.train)], scaled[len(split.train):]
+        x_test = standardize_by_speaker(fs.x[split.test], fs.lengths[split.test], fs.speakers[split.test])
+    else:
+        # Pooled data is one site: "local" and "global" both mean the training part's statistics (test
+        # speakers must not leak into the model's inputs).
+        norm = Normalizer.fit(fs.x[split.train], fs.lengths[split.train])
+        x_train = norm.apply(fs.x[split.train], fs.lengths[split.train])
+        x_val = norm.apply(fs.x[split.val], fs.lengths[split.val])
+        x_test = norm.apply(fs.x[split.test], fs.lengths[split.test])
     y_train, y_val, y_test = fs.labels[split.train], fs.labels[split.val], fs.labels[split.test]
     classes = data.classes
 
@@ -182,6 +194,7 @@ def train_experiment(
     val_fraction: float = 0.0,
     progress: bool = True,
     task: Task = CLASSIFICATION,
+    normalizer: str = DEFAULT_NORMALIZER,
 ) -> dict:
     """Train and test one model per fold of a pooled experiment; write the run folder; return the summary.
 
@@ -197,7 +210,7 @@ def train_experiment(
     for number in tqdm(folds, desc="folds", unit="fold", disable=not progress or len(folds) == 1):
         reports.append(
             _fit_fold(data, number, model_name, train_cfg, seed=seed, val_fraction=val_fraction,
-                      fold_dir=out / f"fold-{number}", progress=progress, task=task)
+                      fold_dir=out / f"fold-{number}", progress=progress, task=task, normalizer=normalizer)
         )
     fs = data.features
     classes = data.classes
@@ -219,6 +232,7 @@ def train_experiment(
         "confusion": confusion.tolist(),
         "train_config": asdict(train_cfg),
         "seed": seed,
+        "normalizer": normalizer,
         "val_fraction": val_fraction,
         "folds_source": data.experiment.folds_source,
         "n_utterances": len(fs),
@@ -254,6 +268,7 @@ def train_centralized(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
+    normalizer: str = DEFAULT_NORMALIZER,
 ) -> dict:
     """``p2pser train`` as a function: prepare the data folder's experiment and run ``train_experiment``.
 
@@ -276,7 +291,7 @@ def train_centralized(
     numbers = parse_folds(fold if not test_speakers else 1, len(pooled.experiment.folds))
     cfg = train_cfg or recommended_config(model_name)
     summary = train_experiment(pooled, numbers, model_name, cfg, seed=seed, out_dir=out,
-                               val_fraction=val_fraction, progress=progress)
+                               val_fraction=val_fraction, progress=progress, normalizer=normalizer)
     summary.update(data_dir=str(data_dir), wall_s=round(time.perf_counter() - start, 2))
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary

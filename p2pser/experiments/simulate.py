@@ -35,7 +35,7 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     if features is None:
         needed = np.unique(np.concatenate([*plan.peers, plan.test]))
         features, row_of = extract_for(plan, needed, cfg, progress=False)
-    test = test_set(features, row_of, plan)
+    test = test_set(features, row_of, plan, cfg.normalizer)
     peers = [build_peer(plan, topology, k, cfg, features, row_of, test) for k in range(topology.n)]
     tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes)
     sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress, on_record=tracker.add)

@@ -1,5 +1,5 @@
-"""One peer's own data, ready for its learner: train and validation arrays normalised with its own
-statistics, and the fold's shared test set."""
+"""One peer's own data, ready for its learner: train and validation arrays standardised as the run's
+``normalizer`` mode says (``p2pser.features.normalize``), and the fold's shared test set."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2pser.learn.normalize import Normalizer
+from p2pser.features.normalize import Normalizer, moments, standardize_by_speaker
 
 
 @dataclass
 class PeerData:
-    """A peer's own training and validation utterances (normalised with its own statistics) and the
-    fold's test set (shared, read-only; normalised batch by batch at evaluation so that many simulated
-    peers never hold copies of it)."""
+    """A peer's own training and validation utterances and the fold's test set (shared, read-only; in the
+    ``local`` and ``global`` modes standardised batch by batch at evaluation, so that many simulated peers
+    never hold copies of it; in the ``speaker`` mode it arrives standardised per test speaker)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -26,6 +26,10 @@ class PeerData:
     lengths_test: np.ndarray  # valid frames per test utterance: padding stays exactly zero when normalised
     classes: list[str]
     normalizer: Normalizer
+    mode: str = "local"
+    # The ``global`` mode keeps its raw (x, lengths) of train and validation until the peers have agreed on
+    # the statistics (``adopt``): until then it standardises with its own.
+    raw: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def from_arrays(
@@ -39,27 +43,49 @@ class PeerData:
         *,
         val_fraction: float,
         seed: int,
+        mode: str = "local",
+        speakers: np.ndarray | None = None,
     ) -> PeerData:
         """Split the peer's own rows ``own`` of ``x`` into train and validation; ``test`` = (x, y, lengths)
-        of the fold's test set, shared, not copied."""
+        of the fold's test set, shared, not copied (already standardised per speaker in ``speaker`` mode).
+        ``speakers`` (per row of ``x``) is needed by the ``speaker`` mode."""
         rng = np.random.default_rng(seed)
         own = rng.permutation(np.asarray(own))
         n_val = round(len(own) * val_fraction) if len(own) > 2 else 0
         val, train = own[:n_val], own[n_val:]
-        normalizer = Normalizer.fit(x[train], lengths[train])
         x_test, y_test, lengths_test = test
-        return cls(
-            x_train=normalizer.apply(x[train], lengths[train]),
-            y_train=y[train],
-            x_val=normalizer.apply(x[val], lengths[val]),
-            y_val=y[val],
-            x_test=x_test,
-            y_test=y_test,
-            lengths_test=lengths_test,
-            classes=list(classes),
-            normalizer=normalizer,
-        )
+        common = {"y_train": y[train], "y_val": y[val], "x_test": x_test, "y_test": y_test,
+                  "lengths_test": lengths_test, "classes": list(classes), "mode": mode}
+        if mode == "speaker":
+            if speakers is None:
+                raise ValueError("the speaker normaliser needs each row's speaker")
+            # Statistics over all of a speaker's own audio (training and validation utterances alike).
+            scaled = standardize_by_speaker(x[own], lengths[own], np.asarray(speakers)[own])
+            return cls(x_train=scaled[n_val:], x_val=scaled[:n_val], normalizer=Normalizer.identity(x.shape[1]),
+                       **common)
+        normalizer = Normalizer.fit(x[train], lengths[train])
+        raw = (x[train], lengths[train], x[val], lengths[val]) if mode == "global" else None
+        return cls(x_train=normalizer.apply(x[train], lengths[train]),
+                   x_val=normalizer.apply(x[val], lengths[val]), normalizer=normalizer, raw=raw, **common)
 
     def test_inputs(self) -> np.ndarray:
-        """The test set as this peer's model sees it: standardised with this peer's statistics."""
+        """The test set as this peer's model sees it."""
+        if self.mode == "speaker":
+            return self.x_test
         return self.normalizer.apply(self.x_test, self.lengths_test)
+
+    def moments(self) -> dict[str, np.ndarray]:
+        """Frame count, sum and sum of squares of the raw training features (``global`` mode)."""
+        if self.raw is None:
+            raise ValueError("only a peer in the global normaliser mode keeps its raw features")
+        return moments(self.raw[0], self.raw[1])
+
+    def adopt(self, normalizer: Normalizer) -> None:
+        """Standardise with ``normalizer`` (the agreed global statistics) from now on."""
+        if self.raw is None:
+            raise ValueError("only a peer in the global normaliser mode can adopt other statistics")
+        x_train, lengths_train, x_val, lengths_val = self.raw
+        self.normalizer = normalizer
+        self.x_train = normalizer.apply(x_train, lengths_train)
+        self.x_val = normalizer.apply(x_val, lengths_val)
+        self.raw = None

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from p2pser.features.normalize import Normalizer
 from p2pser.files import write_atomically
 from p2pser.learn.data import PeerData
 from p2pser.learn.models import build_model
@@ -70,6 +71,13 @@ class Learner(Protocol):
 
     def advance_to(self, step: int) -> None:
         """Move the learning-rate schedule to ``step`` local steps (after catching up with neighbours)."""
+
+    def moments(self) -> dict[str, np.ndarray]:
+        """Feature moments of the training data (``count``, ``sum``, ``sumsq``) for agreeing on global
+        normalisation statistics; ``moments_template`` describes them for the codec."""
+
+    def adopt_moments(self, moments: State) -> None:
+        """Standardise inputs with the statistics of these (averaged) moments from now on."""
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to resume: tensors, arrays and plain containers (no pickled objects)."""
@@ -180,10 +188,24 @@ class TorchLearner:
     def advance_to(self, step: int) -> None:
         self.trainer.step = max(self.trainer.step, step)
 
+    def moments(self) -> dict[str, np.ndarray]:
+        return self.data.moments()
+
+    def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        channels = self.data.x_train.shape[1]
+        f64 = np.dtype(np.float64)
+        return {"count": ((1,), f64), "sum": ((channels,), f64), "sumsq": ((channels,), f64)}
+
+    def adopt_moments(self, moments: State) -> None:
+        self.data.adopt(Normalizer.from_moments(dict(moments)))
+        self.trainer.set_inputs(self.data.x_train)
+
     def checkpoint_state(self) -> dict[str, Any]:
         state = {"model": dict(self.model.state_dict()), "trainer": self.trainer.state_dict()}
         if self.momentum_buffer is not None:
             state["quasi_global"] = dict(self.momentum_buffer)
+        if self.data.mode == "global" and self.data.raw is None:  # statistics agreed: a restart keeps them
+            state["normalizer"] = {"mean": self.data.normalizer.mean, "std": self.data.normalizer.std}
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -192,6 +214,9 @@ class TorchLearner:
         self.model.load_state_dict(model)
         self.trainer.load_state_dict(state["trainer"])
         self.momentum_buffer = state.get("quasi_global")
+        if "normalizer" in state and self.data.raw is not None:
+            self.data.adopt(Normalizer(state["normalizer"]["mean"], state["normalizer"]["std"]))
+            self.trainer.set_inputs(self.data.x_train)
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.model_name, "features": self.features, "samples": self.samples}

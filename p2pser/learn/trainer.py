@@ -204,6 +204,13 @@ class LocalTrainer:
             torch.manual_seed(seed)
             self._torch_rng = torch.get_rng_state()
 
+    def set_inputs(self, x: np.ndarray) -> None:
+        """Replace the training inputs by a re-standardised version of the same utterances (same order)."""
+        x = np.asarray(x)
+        if x.shape[0] != self._n:
+            raise ValueError(f"new inputs have {x.shape[0]} rows, the trainer has {self._n}")
+        self._x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based) under the configured schedule."""
         cfg = self.cfg

@@ -23,6 +23,7 @@ from p2pser.audio.corpora import Corpus, load_corpus
 from p2pser.config import RunConfig
 from p2pser.errors import UserError
 from p2pser.features.extract import extract_features
+from p2pser.features.normalize import standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec, encode_labels
 from p2pser.learn.models import MODEL_NAMES
 from p2pser.partition.folds import Fold, folds_from_test_speakers, load_folds, split_fold
@@ -168,7 +169,12 @@ def rows(mapping: dict[int, int], indices: np.ndarray) -> np.ndarray:
     return np.array([mapping[int(i)] for i in indices if int(i) in mapping], dtype=np.int64)
 
 
-def test_set(features: FeatureSet, row_of: dict[int, int], plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, labels, lengths) of the fold's test utterances that could be read."""
+def test_set(features: FeatureSet, row_of: dict[int, int], plan: Plan,
+             normalizer: str = "local") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, labels, lengths) of the fold's test utterances that could be read; with the ``speaker``
+    normaliser each test speaker is standardised with the statistics of their own (unlabelled) test audio."""
     test_rows = rows(row_of, plan.test)
-    return features.x[test_rows], features.labels[test_rows], features.lengths[test_rows]
+    x, lengths = features.x[test_rows], features.lengths[test_rows]
+    if normalizer == "speaker":
+        x = standardize_by_speaker(x, lengths, features.speakers[test_rows])
+    return x, features.labels[test_rows], lengths

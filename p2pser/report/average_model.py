@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def average_model_score(run_dir: Path, model_name: str, seed: int,
     Each peer normalises inputs with its own statistics, so the average model is scored under peers'
     normalisers and the scores are averaged: the figure a randomly chosen peer would see with that model.
     """
-    from p2pser.learn.normalize import Normalizer
+    from p2pser.features.normalize import Normalizer
 
     x_test, y_test, lengths = test
     saved = load_models(Path(run_dir))
@@ -54,7 +55,9 @@ def average_model_score(run_dir: Path, model_name: str, seed: int,
         return None
     names = saved[0][1].keys()
     mean = {k: np.mean([params[k] for _, params, _ in saved], axis=0) for k in names}
-    inputs = [Normalizer.from_dict(norm).apply(x_test, lengths) for _, _, norm in spread(saved)]
+    # Peers that standardise alike (the speaker and global modes) need one evaluation, not one each.
+    distinct = {json.dumps(norm, sort_keys=True): norm for _, _, norm in spread(saved)}
+    inputs = [Normalizer.from_dict(norm).apply(x_test, lengths) for norm in distinct.values()]
     return score_state(mean, model_name, seed, inputs, y_test, classes, task)
 
 
@@ -88,6 +91,8 @@ class AverageModelTracker:
     def scores(self) -> dict[int, float]:
         peers = spread(sorted(self._peers.values(), key=lambda p: p.id))
         data = peers[0].learner.data
+        if data.mode == "speaker":  # every peer sees the test set alike
+            peers = peers[:1]
         if not len(data.y_test):
             return {}
         inputs = [p.learner.data.test_inputs() for p in peers]

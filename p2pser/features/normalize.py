@@ -1,4 +1,14 @@
-"""Per-channel standardisation of features, fitted on training data only (a peer: its own data only)."""
+"""Per-channel standardisation of features, in three modes (``--normalizer``):
+
+- ``speaker``: every speaker's features standardised with that speaker's own statistics, in training and
+  test alike. It needs no labels, only the speaker's own audio: on a device that is its user's speech, and
+  for the test speakers it is their own unlabelled test audio. It removes most of what makes one speaker's
+  features differ from another's (vocal tract, microphone, level), which is what a peer holding one speaker
+  cannot otherwise learn to ignore.
+- ``global``: the statistics of all training data; decentralized peers agree on them by gossiping
+  (count, sum, sum of squares) before training (``p2pser.exchange.algorithms.agree_statistics``).
+- ``local``: each peer its own training data's statistics (a pooled model: all training data).
+"""
 
 from __future__ import annotations
 
@@ -36,6 +46,20 @@ class Normalizer:
             out *= _valid_mask(out, lengths)[:, None, :]
         return out
 
+    @classmethod
+    def identity(cls, channels: int) -> Normalizer:
+        """Leaves inputs as they are (features already standardised per speaker)."""
+        return cls(np.zeros(channels), np.ones(channels))
+
+    @classmethod
+    def from_moments(cls, moments: dict[str, np.ndarray]) -> Normalizer:
+        """From (frame count, per-channel sum, per-channel sum of squares), e.g. averaged over peers."""
+        count = max(float(np.asarray(moments["count"]).reshape(-1)[0]), 1e-12)
+        mean = np.asarray(moments["sum"], dtype=np.float64) / count
+        var = np.maximum(np.asarray(moments["sumsq"], dtype=np.float64) / count - mean**2, 0.0)
+        std = np.sqrt(var)
+        return cls(mean, np.where(std < 1e-6, 1.0, std))
+
     def to_dict(self) -> dict[str, list[float]]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
@@ -54,3 +78,21 @@ class Normalizer:
 def _valid_mask(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """[N, T] True where frame t < lengths[n]."""
     return np.arange(x.shape[-1])[None, :] < np.asarray(lengths)[:, None]
+
+
+def moments(x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """(frame count, per-channel sum, per-channel sum of squares) over the valid frames of ``x`` [N, C, T], in
+    float64: what peers average to agree on the statistics of all their data without showing any of it."""
+    mask = _valid_mask(x, lengths)[:, None, :]
+    xs = np.where(mask, x, 0.0).astype(np.float64)
+    return {"count": np.array([float(mask.sum())]), "sum": xs.sum(axis=(0, 2)), "sumsq": (xs**2).sum(axis=(0, 2))}
+
+
+def standardize_by_speaker(x: np.ndarray, lengths: np.ndarray, speakers: np.ndarray) -> np.ndarray:
+    """``x`` with every speaker's rows standardised by that speaker's own statistics (padding stays 0)."""
+    out = np.empty_like(x, dtype=np.float32)
+    speakers = np.asarray(speakers)
+    for speaker in np.unique(speakers):
+        idx = np.flatnonzero(speakers == speaker)
+        out[idx] = Normalizer.fit(x[idx], lengths[idx]).apply(x[idx], lengths[idx])
+    return out

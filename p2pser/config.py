@@ -63,7 +63,7 @@ class RunConfig:
                "(SGD whose momentum follows the averaged model's moves)", choices=OPTIMIZER_STATES),
     )
     normalizer: str = field(
-        default="local",
+        default="speaker",
         **_opt("feature standardisation: each speaker by its own statistics (test speakers too, from their own "
                "unlabelled audio), all training data (peers agree on the statistics by gossip), or each peer "
                "by its own data", choices=NORMALIZERS),

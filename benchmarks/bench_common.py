@@ -13,7 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-DATA = REPO.parent / "shared" / "data"
+# The real corpora beside the clone (as tests find them); P2PSER_SHARED_DATA moves them.
+DATA = Path(os.environ.get("P2PSER_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def _git(*args: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from p2pser.exchange.algorithms import Algorithm, Compute, Drain, Gather, Gathered, Record, Send
 from p2pser.exchange.codec import CodecError, Decoder
 from p2pser.exchange.inbox import Inbox
+from p2pser.exchange.pulls import PullLimiter
 from p2pser.learn.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,14 @@ class MetricsWriter:
 class RealtimeRunner:
     def __init__(self, peer_id: int, neighbours, transport, decoder: Decoder, metrics: MetricsWriter,
                  *, synchronous: bool, answer_pull: Callable[[], list] | None = None,
-                 checkpointer: Checkpointer | None = None, rounds: int | None = None) -> None:
-        """``answer_pull`` gives the frames to send to a neighbour that pulls our current parameters;
-        ``checkpointer`` is told of every finished round; ``rounds`` is the schedule's length."""
+                 checkpointer: Checkpointer | None = None, rounds: int | None = None,
+                 pulls: PullLimiter | None = None) -> None:
+        """``answer_pull`` gives the frames to send to a neighbour that pulls our current parameters, as
+        often as ``pulls`` allows (default: always); ``checkpointer`` is told of every finished round;
+        ``rounds`` is the schedule's length."""
         self.peer_id = peer_id
         self.answer_pull = answer_pull
+        self.pulls = pulls or PullLimiter(0)
         self.checkpointer = checkpointer
         self.transport = transport
         self.decoder = decoder
@@ -130,7 +134,11 @@ class RealtimeRunner:
         if message.sender in self.inbox.neighbours:
             self._heard.add(message.sender)
             if message.kind == "pull" and self.answer_pull is not None:
-                self.transport.send(message.sender, self.answer_pull())
+                if self.pulls.allow(message.sender, time.monotonic()):
+                    self.transport.send(message.sender, self.answer_pull())
+                else:
+                    self._reject(claimed, f"pull from {message.sender} not answered: more than {self.pulls.burst} "
+                                 f"in a row, or more than {self.pulls.rate:g} a second", logging.INFO)
                 return True
         reason = self.inbox.add(message, synchronous=self.synchronous)
         if reason is not None:

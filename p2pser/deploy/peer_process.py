@@ -21,8 +21,8 @@ from p2pser.config import RunConfig
 from p2pser.data.features import FeatureSet
 from p2pser.errors import UserError
 from p2pser.exchange import algorithms
-from p2pser.exchange.codec import Decoder
 from p2pser.exchange.peer import Peer, PeerData
+from p2pser.exchange.pulls import PullLimiter
 from p2pser.exchange.topology import Topology, metropolis_hastings_weights
 from p2pser.files import write_atomically
 from p2pser.learn.checkpoint import Checkpointer
@@ -65,7 +65,10 @@ def build_peer(plan: Plan, topology: Topology, peer_id: int, cfg: RunConfig, fea
     )
     w = metropolis_hastings_weights(topology)
     neighbours = topology.neighbours(peer_id)
-    return Peer(peer_id, neighbours, data, cfg, mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]})
+    # A peer's samples are its training files less validation and skipped ones: never more than its share.
+    most = max(len(files) for files in plan.peers)
+    return Peer(peer_id, neighbours, data, cfg, mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]},
+                max_samples=most)
 
 
 def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
@@ -85,7 +88,8 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
     try:
         hub = hub_of(topology) if cfg.algorithm == "fedavg" else 0
         # Keys are checked before feature extraction: a missing key file should not cost minutes first.
-        curve = curve_config(topology, peer_id, cfg.keys) if security_on(cfg.security, topology) else None
+        curve = (curve_config(topology, peer_id, cfg.keys, peer_address=cfg.peer_address)
+                 if security_on(cfg.security, topology) else None)
         plan = make_plan(data_dir, cfg, topology.n)
         needed = np.concatenate([plan.peers[peer_id], plan.test])
         features, row_of = extract_for(plan, needed, cfg, workers=1)
@@ -106,10 +110,12 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         )
         try:
             metrics = MetricsWriter(folder / "metrics.jsonl")
-            runner = RealtimeRunner(peer_id, peer.neighbours, transport, Decoder(peer.template), metrics,
+            runner = RealtimeRunner(peer_id, peer.neighbours, transport, peer.decoder(), metrics,
                                     synchronous=cfg.algorithm != "gossip", answer_pull=peer.answer_pull,
-                                    checkpointer=checkpointer, rounds=cfg.rounds)
-            write_json_atomic(folder / "status.json", status | {"state": "running", "resumed": resumed})
+                                    checkpointer=checkpointer, rounds=cfg.rounds,
+                                    pulls=PullLimiter(cfg.pull_rate))
+            status["resumed"] = resumed  # kept to the end: the final status says whether this life resumed
+            write_json_atomic(folder / "status.json", status | {"state": "running"})
             runner.run(algorithms.start(peer, checkpointer.next_round, hub=hub, resumed=resumed))
         finally:
             transport.close()

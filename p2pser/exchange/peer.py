@@ -19,7 +19,7 @@ import torch
 from p2pser.config import RunConfig, train_config
 from p2pser.data.features import Normalizer
 from p2pser.exchange.attacks import corrupt, is_attacker
-from p2pser.exchange.codec import Message, encode, template_of
+from p2pser.exchange.codec import MAX_SAMPLES, Decoder, Message, encode, template_of
 from p2pser.exchange.mixing import Contribution, MixingRule, consensus_distance, make_rule
 from p2pser.files import write_atomically
 from p2pser.learn.models import build_model
@@ -88,7 +88,10 @@ class Peer:
         *,
         mix_weights: Mapping[int, float],
         rule: MixingRule | None = None,
+        max_samples: int = MAX_SAMPLES,
     ) -> None:
+        """``max_samples``: the most training utterances any peer of the run can hold (from the partition),
+        so a neighbour claiming more is refused instead of outweighing the others."""
         self.id = peer_id
         self.neighbours = sorted(neighbours)
         self.data = data
@@ -114,6 +117,7 @@ class Peer:
         )
         self.template = template_of(self.snapshot())
         self.samples = len(data.y_train)
+        self.max_samples = max_samples
         self.timings = {"train": 0.0, "eval": 0.0}  # seconds, to tell learning from overhead
         # Where the algorithm is: the round in progress, and for asynchronous gossip the model's age (local
         # steps it has seen). Answers to a neighbour's pull and checkpoints report them.
@@ -141,6 +145,13 @@ class Peer:
         self.round = min(round_, self.config.rounds)
         self.age = max(self.age, age)
         self.trainer.step = max(self.trainer.step, round_ * self.config.local_steps)
+
+    def decoder(self) -> Decoder:
+        """How this peer checks what it receives: its model's layout, and no ``samples`` or ``age`` beyond
+        what an honest neighbour of this run can send (a model's age grows by ``local_steps`` a round at
+        most, and mixing takes the largest age, so no honest age exceeds ``rounds x local_steps``)."""
+        cfg = self.config
+        return Decoder(self.template, max_samples=self.max_samples, max_age=float(cfg.rounds * cfg.local_steps))
 
     def encode(self, state: Mapping[str, np.ndarray], round_: int, *, age: float = 0.0, kind: str = "model") -> list:
         if is_attacker(self.config, self.id):  # an experiment's Byzantine peer: lies on the wire, never to itself

@@ -32,6 +32,7 @@ from p2pser.exchange.attacks import attacking_peers
 from p2pser.exchange.codec import CodecError, Decoder
 from p2pser.exchange.inbox import Inbox
 from p2pser.exchange.peer import Peer
+from p2pser.exchange.pulls import PullLimiter
 from p2pser.exchange.topology import Topology
 from p2pser.learn.checkpoint import Checkpointer
 from p2pser.partition.plan import Plan, extract_for, test_set
@@ -59,6 +60,7 @@ class _SimPeer:
     filed: dict[tuple[str, int, int], float] = field(default_factory=dict)  # (kind, round, sender) -> when
     done: bool = False
     rejoin_scheduled: bool = False
+    pulls: PullLimiter = field(default_factory=lambda: PullLimiter(0))
 
 
 def _frame_bytes(frames: list) -> int:
@@ -89,9 +91,9 @@ class Simulator:
             checkpointer = Checkpointer(p, folder, cfg.checkpoint_every, durable=False)
             checkpointer.save()
             self.sim.append(_SimPeer(
-                peer=p, inbox=Inbox(p.neighbours, rounds=cfg.rounds), decoder=Decoder(p.template),
+                peer=p, inbox=Inbox(p.neighbours, rounds=cfg.rounds), decoder=p.decoder(),
                 metrics=MetricsWriter(folder / "metrics.jsonl"), algorithm=algorithms.start(p, hub=hub),
-                checkpointer=checkpointer,
+                checkpointer=checkpointer, pulls=PullLimiter(cfg.pull_rate),
             ))
 
     # -- event queue -----------------------------------------------------------------------------------
@@ -184,7 +186,10 @@ class Simulator:
             return
         s.heard.add(message.sender)
         if message.kind == "pull" and message.sender in s.inbox.neighbours:
-            self._send(i, Send((message.sender,), s.peer.answer_pull()))
+            if s.pulls.allow(message.sender, self.now):
+                self._send(i, Send((message.sender,), s.peer.answer_pull()))
+            else:
+                log.debug("peer %d: pull from %d not answered: over the pull rate", i, message.sender)
             return
         reason = s.inbox.add(message, synchronous=self.cfg.algorithm != "gossip")
         if reason is not None:

@@ -231,6 +231,17 @@ def expand_sweep(args: argparse.Namespace, cls: type, sweep: tuple[str, ...]) ->
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
+def given_config_keys(args: argparse.Namespace, cls: type = RunConfig, table: str = "run") -> set[str]:
+    """The fields set explicitly on a command line: as flags, or in its ``--config`` file."""
+    known = field_names(cls)
+    given = {name for name in known if getattr(args, name, None) is not None}
+    if getattr(args, "config", None) is not None:
+        data = read_toml(args.config, "config file")
+        data = data.get(table, {k: v for k, v in data.items() if not isinstance(v, dict)})
+        given |= {key.replace("-", "_") for key in data} & known
+    return given
+
+
 def config_from_args(args: argparse.Namespace, cls: type = RunConfig) -> Any:
     return load_config(getattr(args, "config", None), vars(args), cls)
 

@@ -41,6 +41,28 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_atomically(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()), durable=False)
 
 
+def forget_rounds_from(path: Path, next_round: int) -> None:
+    """Drop the metrics rows of rounds the peer runs again after resuming from a checkpoint of ``next_round``
+    (it was stopped after writing them but before checkpointing them): one row per round of the model's own
+    history, as a run that never stopped would have written."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["round"]) >= next_round:
+                continue
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a torn last line (killed mid-write)
+        kept.append(line)
+    if len(kept) < len(lines):
+        log.info("%s: dropped %d row(s) of rounds from %d on, which the resumed peer runs again", path,
+                 len(lines) - len(kept), next_round)
+        write_atomically(path, lambda fh: fh.write("".join(f"{ln}\n" for ln in kept).encode()), durable=False)
+
+
 def hub_of(topology: Topology) -> int:
     """The star's centre: fedavg needs a peer linked to every other one."""
     for i in range(topology.n):
@@ -97,7 +119,9 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         del features
         saver = Checkpointer(peer, folder, cfg.checkpoint_every)
         resumed = cfg.resume == "auto" and saver.resume()
-        if not resumed:
+        if resumed:
+            forget_rounds_from(folder / "metrics.jsonl", saver.next_round)
+        else:
             saver.save()  # from the first moment on, a restart has something to load
         checkpointer = saver  # only now may the exit path overwrite what a previous life left behind
         host = bind_host or topology.peers[peer_id].host

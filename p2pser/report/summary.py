@@ -96,13 +96,25 @@ def honest_figures(finals: Mapping[int, float | None], attackers: Iterable[int])
     }
 
 
+def bytes_sent(rows: list[dict]) -> int:
+    """Bytes a peer sent over all its lives: each restart (or continued run) counts from zero again."""
+    total = last = 0
+    for row in rows:
+        if row["bytes_sent"] < last:
+            total += last
+        last = row["bytes_sent"]
+    return int(total + last)
+
+
 def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
-              ua_average_model: float | None = None, attackers: Iterable[int] | None = None) -> dict[str, Any]:
+              ua_average_model: float | None = None, attackers: Iterable[int] | None = None,
+              restarts: Mapping[int, int] | None = None) -> dict[str, Any]:
     """Write ``summary.json`` and the plots; return the summary.
 
     ``attackers`` (an experiment's Byzantine peers; None: read them from the run folder's ``config.toml``
     if there is one) adds the honest-peer figures of ``honest_figures``; without attackers the summary has
-    no such fields.
+    no such fields. ``restarts`` (peer -> times a supervisor restarted it) adds ``restarts``, the total, and
+    each peer's count to its per-peer results.
     """
     run_dir = Path(run_dir)
     attackers = run_attackers(run_dir) if attackers is None else frozenset(attackers)
@@ -111,7 +123,7 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
     finals = {p: final_value(rows, "test_ua") for p, rows in metrics.items()}
     uas = [v for v in finals.values() if v is not None]
     consensus = {r: float(np.mean(v)) for r, v in per_round(metrics, "consensus_distance").items()}
-    sent = {p: int(rows[-1]["bytes_sent"]) if rows else 0 for p, rows in metrics.items()}
+    sent = {p: bytes_sent(rows) for p, rows in metrics.items()}
     summary = dict(base) | {
         "peers": len(metrics),
         "rounds": max((int(rows[-1]["round"]) + 1 for rows in metrics.values() if rows), default=0),
@@ -127,11 +139,14 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
         "per_peer": [
             {"peer": p, "ua": finals[p], "bytes_sent": sent[p], "rounds": len(metrics[p]),
              "state": status.get(p, {}).get("state"), "error": status.get(p, {}).get("error")}
+            | ({} if restarts is None else {"restarts": restarts.get(p, 0)})
             for p in sorted(metrics)
         ],
         "consensus_distance_per_round": consensus,
         "ua_mean_per_round": {r: float(np.mean(v)) for r, v in per_round(metrics, "test_ua").items()},
     }
+    if restarts is not None:
+        summary["restarts"] = int(sum(restarts.values()))
     if attackers:
         summary |= honest_figures(finals, attackers)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -15,7 +15,7 @@ def _fmt(value: Any) -> str:
 
 def print_summary(summary: dict[str, Any], out_dir: str) -> None:
     keys = ["mode", "algorithm", "topology", "peers", "rounds", "ua_mean", "ua_min", "ua_average_model",
-            "consensus_distance_first", "consensus_distance_last", "bytes_sent_max_peer", "wall_s"]
+            "consensus_distance_first", "consensus_distance_last", "bytes_sent_max_peer", "wall_s", "restarts"]
     width = max(len(k) for k in keys)
     for k in keys:
         if k in summary:

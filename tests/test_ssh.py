@@ -14,12 +14,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from test_netns import FAST, TESTBED, spread_topology
-from test_supervise import _default_sigint
+from test_supervise import default_sigint, metrics_rows, wait_for
 
 from p2pser.cli import main
 from p2pser.exchange.topology import save_topology
@@ -54,18 +53,6 @@ def _host_python(tmp_path: Path) -> Path:
     path.write_text(f"#!/bin/sh\n{env}exec {shlex.quote(sys.executable)} \"$@\"\n")
     path.chmod(0o755)
     return path
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the launcher exited ({proc.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
-        time.sleep(0.2)
 
 
 def _alive(pid: int) -> bool:
@@ -113,7 +100,7 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
     def launcher(words: list[str], log: Path) -> subprocess.Popen:
         with open(log, "w") as fh:
             return subprocess.Popen([*in_bed, sys.executable, "-m", *words], stdout=fh, stderr=subprocess.STDOUT,
-                                    preexec_fn=_default_sigint)  # noqa: PLW1509 -- it only resets a signal
+                                    preexec_fn=default_sigint)  # noqa: PLW1509 -- it only resets a signal
 
     # Neighbours wait up to a minute for a model (fixed liveness): the peer killed below is back long
     # before, so its neighbours are still there to catch up with however fast the machine.
@@ -123,7 +110,8 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
                      "--startup-timeout", "60", "--restart", "1", "--checkpoint-every", "2", "--cache-dir",
                      str(feature_cache), *FAST], first)
     try:
-        _wait(lambda: min(len(_rows(m)) for m in metrics.values()) >= 3, proc, "every peer trained 3 rounds")
+        wait_for(lambda: min(len(metrics_rows(m)) for m in metrics.values()) >= 3, proc,
+                 "every peer trained 3 rounds")
         # Peer 0's SSH session is lost (its local ssh dies): the peer itself runs on, unseen. The supervisor
         # restarts it, and the new life first stops the one left running.
         orphan = int((remote[0] / "peer-0.pid").read_text())
@@ -133,7 +121,7 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
             status = json.loads((remote[0] / "peer-000" / "status.json").read_text())
             return status.get("pid") != orphan and status.get("resumed") is True and status["state"] == "running"
 
-        _wait(replaced, proc, "peer 0 was restarted on host 0")
+        wait_for(replaced, proc, "peer 0 was restarted on host 0")
         assert not _alive(orphan)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=180) == 130, first.read_text()[-3000:]
@@ -150,7 +138,8 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
     _peers_gone(remote)
     for k in range(3):
         assert json.loads((run / f"peer-{k:03d}" / "status.json").read_text())["state"] == "interrupted", k
-    stopped_at = {k: len(_rows(run / f"peer-{k:03d}" / "metrics.jsonl")) for k in range(3)}  # gathered copies
+    # Counted in the gathered copies.
+    stopped_at = {k: len(metrics_rows(run / f"peer-{k:03d}" / "metrics.jsonl")) for k in range(3)}
     assert 3 <= min(stopped_at.values()) and max(stopped_at.values()) < ROUNDS, stopped_at
     # Every session's output reaches the peer's log, the start-up line included; it broke no gathering.
     assert "Welcome to the p2pser test bed" in (run / "peer-001" / "log.txt").read_text()
@@ -164,7 +153,8 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
     second = tmp_path / "second.log"
     proc = launcher(words, second)
     try:
-        _wait(lambda: len(_rows(metrics[2])) >= stopped_at[2] + 2, proc, "peer 2 trained 2 rounds more")
+        wait_for(lambda: len(metrics_rows(metrics[2])) >= stopped_at[2] + 2, proc,
+                 "peer 2 trained 2 rounds more")
         killed = int((remote[2] / "peer-2.pid").read_text())
         os.kill(killed, signal.SIGKILL)  # on host 2, behind its ssh session
         assert proc.wait(timeout=300) == 0, second.read_text()[-3000:]
@@ -185,8 +175,8 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
     assert all(p["state"] == "done" for p in summary["per_peer"])
     assert json.loads((run / "peer-002" / "status.json").read_text())["resumed"] is True
     for k in range(3):
-        rows = _rows(run / f"peer-{k:03d}" / "metrics.jsonl")
+        rows = metrics_rows(run / f"peer-{k:03d}" / "metrics.jsonl")
         assert rows[-1]["round"] == ROUNDS - 1 and rows[-1]["heard"] == 2, (k, rows[-1])
     # Peer 1 went on from its gathered copy: one row per round, none lost with the host's folder.
-    assert [r["round"] for r in _rows(run / "peer-001" / "metrics.jsonl")] == list(range(ROUNDS))
+    assert [r["round"] for r in metrics_rows(run / "peer-001" / "metrics.jsonl")] == list(range(ROUNDS))
     assert summary["ua_mean"] > 1 / 6 + 0.15, summary["ua_mean"]

@@ -21,8 +21,16 @@ from test_netns import FAST
 from p2pser.cli import main
 from p2pser.config import RunConfig
 from p2pser.deploy.launch import write_config_toml
+from p2pser.deploy.multihost import slurm_task
 from p2pser.deploy.peer_process import forget_rounds_from
-from p2pser.deploy.supervise import LocalPeer, Supervisor, continued_config, continued_topology, describe_exit
+from p2pser.deploy.supervise import (
+    LocalPeer,
+    Supervisor,
+    continued_config,
+    continued_topology,
+    crashed_peers,
+    describe_exit,
+)
 from p2pser.errors import UserError
 from p2pser.exchange.topology import make_topology, save_topology
 from p2pser.report.run_folder import prepare_out_dir
@@ -87,6 +95,23 @@ def test_supervisor_reads_every_end_restarts_within_its_budget_and_records_it(tm
     assert status[3]["error"] == "no such model" and status[3]["exit"] == "exit 2 (a configuration error)"
 
 
+def test_a_slurm_task_supervises_its_peer_and_summarize_counts_the_silent_ones(tmp_path, capsys):
+    # Task 2's peer dies by SIGKILL in its first life: recorded, restarted, then it finishes.
+    marker = tmp_path / "lived"
+    code = (f"import os, signal, pathlib; p = pathlib.Path({str(marker)!r}); first = not p.exists(); p.touch(); "
+            "first and os.kill(os.getpid(), signal.SIGKILL)")
+    assert slurm_task({"SLURM_PROCID": "2"}, tmp_path, [sys.executable, "-c", code], restarts=1) == 0
+    assert "peer 2 crashed: killed by SIGKILL" in capsys.readouterr().err
+    marker.unlink()
+    assert slurm_task({"SLURM_PROCID": "2"}, tmp_path, [sys.executable, "-c", code], restarts=0) == 1
+    status = json.loads((tmp_path / "peer-002" / "status.json").read_text())
+    assert status["state"] == "crashed" and status["error"].startswith("killed by SIGKILL")
+    # Task 1 still says running (its node went down with it), task 0 never started: both crashed.
+    (tmp_path / "peer-001").mkdir()
+    (tmp_path / "peer-001" / "status.json").write_text(json.dumps({"peer": 1, "state": "running"}))
+    assert crashed_peers(tmp_path, 3) == [0, 1, 2]
+
+
 def test_the_metrics_of_rounds_a_resumed_peer_runs_again_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"round": r, "bytes_sent": 10 * r}) + "\n" for r in range(6)) + '{"rou')
@@ -125,7 +150,7 @@ def test_continue_keeps_the_runs_settings_and_refuses_a_conflicting_flag_in_one_
 # -- real launches ----------------------------------------------------------------------------------------------
 
 
-def _default_sigint() -> None:
+def default_sigint() -> None:
     """In the child before exec: SIGINT back to its default action, so the launcher is tested as from a
     terminal even when a shell started this test in the background (its children then ignore SIGINT)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -135,15 +160,19 @@ def _launch(*args, out: Path) -> subprocess.Popen:
     log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 -- the child writes to it until it exits
     cmd = [sys.executable, "-m", "p2pser", "launch", *map(str, args), "--out", str(out), "--quiet"]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_default_sigint)  # noqa: PLW1509 -- it only resets a signal
+                            preexec_fn=default_sigint)  # noqa: PLW1509 -- it only resets a signal
 
 
-def _rows(run: Path, k: int) -> list[dict]:
-    path = run / f"peer-{k:03d}" / "metrics.jsonl"
+def metrics_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _wait(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+def _rows(run: Path, k: int) -> list[dict]:
+    return metrics_rows(run / f"peer-{k:03d}" / "metrics.jsonl")
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    """Until ``condition()``, as long as the launcher ``proc`` runs; the test fails naming ``what``."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"the launcher exited ({proc.returncode}) before {what}"
@@ -165,7 +194,7 @@ def test_a_sigkilled_peer_fails_the_launch_by_its_id(tmp_path, synth_corpus, fea
     topo, run = topology_file(tmp_path, "ring", 3), tmp_path / "run"
     proc = _launch(topo, synth_corpus, "--rounds", 8, "--round-timeout", 5, *_common(feature_cache), out=run)
     try:
-        _wait(lambda: len(_rows(run, 1)) >= 2, proc, "peer 1 trained 2 rounds")
+        wait_for(lambda: len(_rows(run, 1)) >= 2, proc, "peer 1 trained 2 rounds")
         _kill_peer(run, 1)
         assert proc.wait(timeout=240) == 1
     finally:
@@ -190,7 +219,7 @@ def test_with_restart_a_sigkilled_peer_comes_back_and_finishes_with_its_neighbou
     proc = _launch(topo, synth_corpus, "--rounds", rounds, "--restart", 1, *_common(feature_cache), "--liveness",
                    "fixed", "--round-timeout", 60, out=run)
     try:
-        _wait(lambda: len(_rows(run, 1)) >= 3, proc, "peer 1 trained 3 rounds")
+        wait_for(lambda: len(_rows(run, 1)) >= 3, proc, "peer 1 trained 3 rounds")
         _kill_peer(run, 1)
         assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
@@ -217,7 +246,7 @@ def test_a_launch_stopped_with_ctrl_c_continues_to_the_rounds_of_an_uninterrupte
     topo, run, rounds = topology_file(tmp_path, "ring", 3), tmp_path / "run", 12
     proc = _launch(topo, synth_corpus, "--rounds", rounds, "--round-timeout", 5, *_common(feature_cache), out=run)
     try:
-        _wait(lambda: min(len(_rows(run, k)) for k in range(3)) >= 3, proc, "every peer trained 3 rounds")
+        wait_for(lambda: min(len(_rows(run, k)) for k in range(3)) >= 3, proc, "every peer trained 3 rounds")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     finally:

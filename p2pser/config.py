@@ -24,6 +24,7 @@ PARTITIONS = ("speaker", "dirichlet", "iid")
 SECURITY = ("auto", "on", "off")
 RESUME = ("auto", "off")
 LIVENESS = ("adaptive", "fixed")
+PEER_ADDRESS = ("strict", "key-only")
 MIXINGS = ("average", "clipped", "trimmed")
 ATTACKS = ("none", "sign-flip", "scale", "random")
 OPTIMIZERS = ("adamw", "sgd")
@@ -88,6 +89,11 @@ class RunConfig:
         default="auto", **_opt("CurveZMQ encryption and key checks (auto: on when peers span hosts)", choices=SECURITY)
     )
     keys: str | None = field(default=None, **_opt("key folder of `p2pser keys new`, or this peer's peer-K.key file"))
+    peer_address: str = field(
+        default="strict",
+        **_opt("strict: a neighbour's key is admitted only from its topology address; key-only: from any address "
+               "(multi-homed hosts), logged", choices=PEER_ADDRESS),
+    )
     checkpoint_every: int = field(
         default=5, **_opt("save model, optimiser and position every K rounds and at exit (0 = at exit only)")
     )
@@ -111,11 +117,15 @@ class RunConfig:
     )
     attackers: str | None = field(default=None, **_opt("comma list of peer ids that attack, e.g. 3,11"))
     attack_scale: float = field(default=10.0, **_opt("factor of --attack scale, noise std of --attack random"))
+    pull_rate: float = field(
+        default=0.5, **_opt("pull answers per second per neighbour after a burst of 4 (0 = no limit)")
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY),
                               ("optimizer_state", OPTIMIZER_STATES), ("normalizer", NORMALIZERS),
-                              ("resume", RESUME), ("liveness", LIVENESS), ("mixing", MIXINGS), ("attack", ATTACKS)):
+                              ("resume", RESUME), ("liveness", LIVENESS), ("mixing", MIXINGS), ("attack", ATTACKS),
+                              ("peer_address", PEER_ADDRESS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
@@ -124,7 +134,7 @@ class RunConfig:
         for name in ("lr", "alpha", "round_timeout", "startup_timeout", "max_seconds", "stats_tolerance"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "trim", "clip_radius", "final_mixing"):
+        for name in ("checkpoint_every", "trim", "clip_radius", "final_mixing", "pull_rate"):
             if getattr(self, name) < 0:
                 raise UserError(f"config key '{name}' must not be negative, got {getattr(self, name)}")
         self.attacker_ids()  # a malformed list fails on load, not in the middle of a run
@@ -248,6 +258,17 @@ def expand_sweep(args: argparse.Namespace, cls: type, sweep: tuple[str, ...]) ->
             raise UserError(f"--{name.replace('_', '-')} {raw!r}: each value must be a {kind.__name__}") from None
         axes.append([(name, v) for v in values])
     return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def given_config_keys(args: argparse.Namespace, cls: type = RunConfig, table: str = "run") -> set[str]:
+    """The fields set explicitly on a command line: as flags, or in its ``--config`` file."""
+    known = field_names(cls)
+    given = {name for name in known if getattr(args, name, None) is not None}
+    if getattr(args, "config", None) is not None:
+        data = read_toml(args.config, "config file")
+        data = data.get(table, {k: v for k, v in data.items() if not isinstance(v, dict)})
+        given |= {key.replace("-", "_") for key in data} & known
+    return given
 
 
 def config_from_args(args: argparse.Namespace, cls: type = RunConfig) -> Any:

@@ -154,6 +154,8 @@ REJECTIONS = {
     "age str": (lambda: with_header(frames_of(), age="old"), "type"),
     "age negative": (lambda: with_header(frames_of(), age=-1.0), "type"),
     "age inf": (lambda: with_header(frames_of(), age=math.inf), "nonfinite"),
+    "samples absurd": (lambda: with_header(frames_of(), samples=codec.MAX_SAMPLES + 1), "range"),
+    "age absurd": (lambda: with_header(frames_of(), age=codec.MAX_AGE * 10), "range"),
     "names not list": (lambda: with_header(frames_of(), names="conv.weight"), "type"),
     "names repeat": (lambda: with_header(frames_of(), names=["conv.weight"] * 4), "type"),
     "dtypes short": (lambda: with_header(frames_of(), dtypes=["float32"]), "type"),
@@ -192,6 +194,22 @@ def test_rejections(case: str) -> None:
     make, expected = REJECTIONS[case]
     decoder = Decoder(None) if case == "inf float16" else DECODER
     assert reason(make(), decoder) == expected
+
+
+def test_samples_and_age_are_bounded_by_what_the_run_allows() -> None:
+    """A peer's decoder refuses claims no honest neighbour of its run can make: they would weight fedavg's
+    (samples) and gossip's (age) averages towards the liar."""
+    decoder = Decoder(template_of(STATE), max_samples=240, max_age=96.0)
+    msg = decoder.decode(encode(STATE, sender=3, round=12, samples=240, age=96.0))
+    assert (msg.samples, msg.age) == (240, 96.0)  # the limits themselves are honest values
+    with pytest.raises(CodecError, match="samples 241 is more than 240") as exc:
+        decoder.decode(encode(STATE, sender=3, round=12, samples=241))
+    assert exc.value.reason == "range"
+    with pytest.raises(CodecError, match="age 96.5 is more than 96 local steps") as exc:
+        decoder.decode(encode(STATE, sender=3, round=12, samples=1, age=96.5))
+    assert exc.value.reason == "range"
+    # A run's limits can only tighten the absolute ones.
+    assert Decoder(None, max_samples=10**12, max_age=1e20).max_samples == codec.MAX_SAMPLES
 
 
 def test_every_reason_has_a_case() -> None:

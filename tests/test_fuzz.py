@@ -42,6 +42,7 @@ from p2pser.exchange.codec import (
     MAX_META_STR,
     MAX_NAME_LEN,
     MAX_NDIM,
+    MAX_SAMPLES,
     MAX_TENSORS,
     CodecError,
     Decoder,
@@ -64,12 +65,15 @@ ROUND_TIMEOUT = 150  # the fuzz must fit in one Gather, or the peer would move o
 CONNS = {"1": "1", "7": "7", "0": "0", "evil": "None"}
 PEER_ARGS = ["--model", "svm", "--partition", "iid", "--features", "mfcc", "--max-seconds", "1.5",
              "--local-steps", "2", "--batch-size", "16", "--rounds", str(ROUNDS), "--liveness", "fixed",
-             "--resume", "off", "--round-timeout", str(ROUND_TIMEOUT), "--startup-timeout", "90"]
+             "--resume", "off", "--round-timeout", str(ROUND_TIMEOUT), "--startup-timeout", "90",
+             "--pull-rate", "0"]  # the test pulls after every message: each pull must be answered
+MAX_AGE = ROUNDS * 2  # --rounds x --local-steps: no honest neighbour's model is older
 
 # How each expected rejection reads in the peer's log (the text after "rejected a message from X: ").
 REASONS = {
     **{code: re.escape(code) + ": " for code in ("header", "version", "fields", "kind", "type", "template",
-                                                 "frames", "size", "checksum", "nonfinite", "oversize")},
+                                                 "frames", "size", "checksum", "nonfinite", "oversize",
+                                                 "range")},
     "impostor": r"header says sender \d+ but the connection is peer (None|\d+)$",
     "stranger": r"sender \d+ is not a neighbour$",
     "stale": r"stale round \d+ from 1 \(now at round \d+\)$",
@@ -263,6 +267,16 @@ def malformed(w: Wire) -> st.SearchStrategy[Case]:
         return _case(w.frames(age=age), "nonfinite" if nonfinite else "type")
 
     @st.composite
+    def out_of_range(draw):
+        # Well-typed samples or age no honest neighbour of this run can claim (they weight the averages).
+        if draw(BOOL):
+            return _case(w.frames(kind=draw(ANY_KIND), samples=draw(st.integers(MAX_SAMPLES + 1, 2**62 - 1))),
+                         "range")
+        age = draw(st.floats(min_value=MAX_AGE, exclude_min=True, allow_infinity=False)
+                   | st.integers(MAX_AGE + 1, 2**64 - 1))
+        return _case(w.frames(kind=draw(ANY_KIND), age=age), "range")
+
+    @st.composite
     def bad_hash(draw):
         return _case(w.frames(hash=draw(NOT_STR | TEXT.filter(lambda x: x not in HASHES))), "type")
 
@@ -430,8 +444,8 @@ def malformed(w: Wire) -> st.SearchStrategy[Case]:
         return _case(well_formed(draw(st.sampled_from(["hello", "ping"])), 1, draw(ROUND)), "unexpected")
 
     return st.one_of(garbage(), truncated_header(), not_a_map(), msgpack_bomb(), deep_field(), oversize_header(),
-                     huge_value, bad_version(), bad_fields(), bad_kind(), bad_int(), bad_age(), bad_hash(),
-                     bad_meta(), bad_layout(), wrong_template(), bad_frames(), bad_size(), bad_checksum(),
+                     huge_value, bad_version(), bad_fields(), bad_kind(), bad_int(), bad_age(), out_of_range(),
+                     bad_hash(), bad_meta(), bad_layout(), wrong_template(), bad_frames(), bad_size(), bad_checksum(),
                      nonfinite_tensor(), impostor(), stranger(), replayed(), far_ahead(), unexpected())
 
 

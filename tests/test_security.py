@@ -19,6 +19,7 @@ from test_launch import free_base_port
 from p2pser.carriers.security import curve_config, load_secret_key, security_on, with_public_keys
 from p2pser.carriers.transport import CurveConfig, ZmqTransport
 from p2pser.cli import main
+from p2pser.config import RunConfig
 from p2pser.errors import UserError
 from p2pser.exchange.codec import encode
 from p2pser.exchange.topology import load_topology, make_topology, save_topology
@@ -203,7 +204,7 @@ def test_unlisted_key_and_plain_text_peer_cannot_deliver_a_model(tmp_path, synth
     assert any(e & (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED) for e in events), events
 
 
-def _curve_pair(addresses: frozenset[str], caplog) -> tuple[bool, str]:
+def _curve_pair(addresses: frozenset[str], caplog, *, strict: bool = True) -> tuple[bool, str]:
     """Peer 1 (holding its real key) connects from 127.0.0.1 to peer 0, which expects it from ``addresses``."""
     import zmq
 
@@ -211,7 +212,8 @@ def _curve_pair(addresses: frozenset[str], caplog) -> tuple[bool, str]:
 
     pub0, sec0 = (k.decode() for k in zmq.curve_keypair())
     pub1, sec1 = (k.decode() for k in zmq.curve_keypair())
-    server = ZmqTransport(0, "tcp://127.0.0.1:0", {}, curve=CurveConfig(pub0, sec0, {1: pub1}, {1: addresses}))
+    server = ZmqTransport(0, "tcp://127.0.0.1:0", {}, curve=CurveConfig(pub0, sec0, {1: pub1}, {1: addresses},
+                                                                       strict_addresses=strict))
     client = ZmqTransport(1, "tcp://127.0.0.1:0", {0: server.endpoint}, curve=CurveConfig(pub1, sec1, {0: pub0}))
     try:
         client.send(0, [b"hello"])
@@ -230,6 +232,25 @@ def test_a_listed_key_from_the_wrong_address_is_refused_and_logged(caplog):
            "127.0.0.2" in log
     delivered, _ = _curve_pair(frozenset({"127.0.0.1"}), caplog)
     assert delivered
+
+
+def test_peer_address_key_only_admits_a_listed_key_from_elsewhere_and_says_so(keyed_ring, caplog):
+    """A multi-homed host connects from another address than its listening one: --peer-address key-only
+    admits the listed key anyway, logging the unexpected address; a stranger's key is still refused."""
+    caplog.set_level("WARNING")
+    delivered, log = _curve_pair(frozenset({"127.0.0.2"}), caplog, strict=False)
+    assert delivered
+    assert "admitted peer 1's key from 127.0.0.1, not from its topology address 127.0.0.2 (--peer-address " \
+           "key-only)" in log
+    topo_path, keys = keyed_ring
+    topo = load_topology(topo_path)
+    strict = curve_config(topo, 1, keys)
+    relaxed = curve_config(topo, 1, keys, peer_address="key-only")
+    assert strict.strict_addresses and not relaxed.strict_addresses
+    assert relaxed.peer_keys == strict.peer_keys  # only listed keys, as before
+    assert "key-only: a neighbour's listed key is admitted from any address" in caplog.text
+    with pytest.raises(UserError, match="peer_address"):
+        RunConfig(peer_address="anywhere")
 
 
 def test_a_plain_text_client_is_refused_and_logged_by_the_secured_side(caplog):

@@ -7,7 +7,8 @@ fields aside; ``tests/test_carriers.py`` runs one scenario through both and comp
 
 - every message is decoded and checked against the local model (``Decoder``); the sender named in the
   header must be the peer the carrier received it from;
-- a ``pull`` from a neighbour is answered with our current state, without waiting for our next round;
+- a ``pull`` from a neighbour is answered with our current state, without waiting for our next round, as
+  often as the pull rate allows (``PullLimiter``);
 - models are filed by kind, round and sender (``Inbox``: stale, duplicate, far-ahead and foreign ones are
   refused); every refusal is counted in ``rejected`` and logged with the sender and the reason;
 - a message filed while a gather is in progress records when it came, so the gather reports how long each
@@ -25,6 +26,7 @@ from p2pser.exchange.codec import CodecError, Decoder, Message
 from p2pser.exchange.effects import Gather, Gathered
 from p2pser.exchange.inbox import Inbox
 from p2pser.exchange.peer import Peer
+from p2pser.exchange.pulls import PullLimiter
 from p2pser.report.metrics_log import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,15 @@ class Mailbox:
         spec = spec_of(peer.config.algorithm)
         self.synchronous = spec.synchronous
         # Models carry what the algorithm sends with them; answers to a pull carry the learner's state alone.
+        cfg = peer.config
         templates = {"model": spec.message_template(peer.template)}
-        if peer.config.normalizer == "global":
+        if cfg.normalizer == "global":
             templates["stats"] = peer.learner.moments_template()
-        self.decoder = Decoder(peer.template, templates=templates)
+        # No samples or age beyond what an honest neighbour of this run can claim: a model's age grows by
+        # local_steps a round at most and mixing takes the largest, so it never exceeds rounds x local_steps.
+        self.decoder = Decoder(peer.template, templates=templates, max_samples=peer.max_samples,
+                               max_age=float(cfg.rounds * cfg.local_steps))
+        self.pulls = PullLimiter(cfg.pull_rate)
         self.inbox = Inbox(peer.neighbours, rounds=schedule_length(peer.config))
         self.metrics = metrics
         self.checkpointer = checkpointer
@@ -65,7 +72,11 @@ class Mailbox:
         if message.sender in self.inbox.neighbours:
             self._heard.add(message.sender)
             if message.kind == "pull":
-                return self.peer.answer_pull()
+                if self.pulls.allow(message.sender, now):
+                    return self.peer.answer_pull()
+                self._reject(claimed, f"pull from {message.sender} not answered: more than {self.pulls.burst} in "
+                             f"a row, or more than {self.pulls.rate:g} a second", logging.INFO)
+                return None
         reason = self.inbox.add(message, synchronous=self.synchronous)
         if reason is not None:
             # Late or duplicate models are ordinary in a lossy network: counted, logged quietly.

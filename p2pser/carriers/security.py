@@ -117,10 +117,12 @@ def resolve_secret_key(keys: str | Path | None, peer_id: int) -> Path:
     return secret_key_path(path, peer_id) if path.is_dir() else path
 
 
-def curve_config(topology: Topology, peer_id: int, keys: str | Path | None) -> CurveConfig:
+def curve_config(topology: Topology, peer_id: int, keys: str | Path | None, *,
+                 peer_address: str = "strict") -> CurveConfig:
     """This peer's keys plus the public key of every neighbour, from the topology file.
 
     Only neighbours are admitted: a listed peer that is not linked to this one is refused like a stranger.
+    ``peer_address`` "strict" admits a neighbour's key only from its topology address, "key-only" from any.
     """
     public, secret = load_secret_key(resolve_secret_key(keys, peer_id))
     mine = topology.peers[peer_id].public_key
@@ -136,7 +138,10 @@ def curve_config(topology: Topology, peer_id: int, keys: str | Path | None) -> C
     # A neighbour connects from the address the topology gives it, so a listed key from elsewhere is a
     # stolen or misconfigured key: the transport refuses it.
     addresses = {j: _addresses(topology.peers[j].host) for j in neighbours}
-    return CurveConfig(public, secret, peer_keys, addresses)
+    if peer_address == "key-only":
+        log.warning("peer %d: --peer-address key-only: a neighbour's listed key is admitted from any address",
+                    peer_id)
+    return CurveConfig(public, secret, peer_keys, addresses, strict_addresses=peer_address == "strict")
 
 
 def _addresses(host: str) -> frozenset[str]:

@@ -71,12 +71,16 @@ class CurveConfig:
     admits only those keys, and each DEALER checks that its neighbour's ROUTER holds the listed key.
     ``peer_addresses`` optionally lists the IP addresses a peer may connect from: a listed key presented
     from elsewhere (a stolen key) is refused too. A peer missing from it is not checked by address.
+    ``strict_addresses=False`` (``--peer-address key-only``) admits a listed key from any address and logs
+    each address it was not expected from, once: for a multi-homed host whose outgoing address is not
+    the one its peers listen on.
     """
 
     public_key: str
     secret_key: str
     peer_keys: Mapping[int, str] = field(default_factory=dict)
     peer_addresses: Mapping[int, frozenset[str]] = field(default_factory=dict)
+    strict_addresses: bool = True
 
 
 def _z85(key: str, what: str) -> bytes:
@@ -97,6 +101,8 @@ class _PeerAuthenticator(zmq.auth.thread.ThreadAuthenticator):
         super().__init__(context)
         self.ids = {_z85(k, f"public key of peer {pid}"): pid for pid, k in curve.peer_keys.items()}
         self.addresses = dict(curve.peer_addresses)
+        self.strict = curve.strict_addresses
+        self._admitted_elsewhere: set[tuple[int, str]] = set()
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) == 7 and msg[5] == b"CURVE" and len(msg[6]) == 32:
@@ -108,8 +114,14 @@ class _PeerAuthenticator(zmq.auth.thread.ThreadAuthenticator):
                                     f"{key.decode()} is not a neighbour's key in the topology")
             allowed = self.addresses.get(peer)
             if allowed and address not in allowed:
-                return self._refuse(msg[1], f"refused a CurveZMQ connection from {address}: it presents peer "
-                                    f"{peer}'s key but peer {peer} connects from {', '.join(sorted(allowed))}")
+                expected = ", ".join(sorted(allowed))
+                if self.strict:
+                    return self._refuse(msg[1], f"refused a CurveZMQ connection from {address}: it presents peer "
+                                        f"{peer}'s key but peer {peer} connects from {expected}")
+                if (peer, address) not in self._admitted_elsewhere:
+                    self._admitted_elsewhere.add((peer, address))
+                    log.warning("admitted peer %d's key from %s, not from its topology address %s "
+                                "(--peer-address key-only)", peer, address, expected)
             self._send_zap_reply(msg[1], b"200", b"OK", key.decode())
             return None
         return await super().handle_zap_message(msg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from p2pser.cli.launch import add_supervisor_arguments, finish, run_settings
 from p2pser.config import add_config_arguments, config_from_args, load_config
 from p2pser.exchange.topology import KINDS
 
@@ -17,8 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("hosts", metavar="HOSTS_FILE", help="hosts file (TOML): how to reach each topology host")
     p.add_argument("topology", metavar="TOPOLOGY_FILE", help="topology TOML file with the peers' real hosts")
     p.add_argument("data_dir", metavar="DATA_DIR", help="corpus folder here (scoring); hosts may use their own")
-    p.add_argument("--out", required=True, metavar="RUN", help="new local run folder for the gathered results")
+    p.add_argument("--out", required=True, metavar="RUN", help="new local run folder for the gathered results "
+                   "(or, with --continue, the run to continue)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_supervisor_arguments(p)
     add_config_arguments(p)
     p.set_defaults(func=_launch_hosts)
 
@@ -32,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     peer.add_argument("--degree", type=int, help="degree for random-regular and small-world")
     peer.add_argument("--base-port", type=int, default=27100, help="peer i listens on BASE_PORT+i [27100]")
     peer.add_argument("--bind-host", help="interface address to bind (default: the node's address)")
+    peer.add_argument("--no-supervisor", action="store_true",
+                      help="run the peer in this process: no restarts, and a peer killed by a signal is not recorded "
+                      "(what the task's supervisor itself starts)")
+    add_supervisor_arguments(peer, continuable=False)
     add_config_arguments(peer)
     peer.set_defaults(func=_slurm_peer)
     summ = sub.add_parser("summarize", help="write RUN/summary.json once every task has finished")
@@ -44,22 +51,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _launch_hosts(args: argparse.Namespace) -> int:
     from p2pser.deploy.multihost import launch_hosts
     from p2pser.exchange.topology import load_topology
-    from p2pser.report.tables import print_summary
 
-    cfg = config_from_args(args)
-    summary = launch_hosts(args.hosts, load_topology(args.topology), Path(args.topology).stem, args.data_dir, cfg,
-                           args.out, quiet=args.quiet)
-    print_summary(summary, args.out)
-    return 1 if summary["crashed_peers"] else 0
+    cfg, topology = run_settings(args, load_topology(args.topology))
+    summary = launch_hosts(args.hosts, topology, Path(args.topology).stem, args.data_dir, cfg, args.out,
+                           quiet=args.quiet, restarts=args.restart, continuing=args.continue_run)
+    # The run folder keeps no key paths: a continued run needs --keys again to send hosts their secret keys.
+    command = ["launch-hosts", args.hosts, args.topology, args.data_dir] + (["--keys", cfg.keys] if cfg.keys else []) \
+        + (["--quiet"] if args.quiet else [])
+    return finish(summary, args, command)
 
 
 def _slurm_peer(args: argparse.Namespace) -> int:
     import os
+    import sys
 
-    from p2pser.deploy.multihost import slurm_peer
+    from p2pser.deploy.multihost import slurm_peer, slurm_task
 
-    return slurm_peer(os.environ, args.out, args.data_dir, config_from_args(args), kind=args.kind,
-                      base_port=args.base_port, degree=args.degree, bind_host=args.bind_host)
+    if args.no_supervisor:
+        return slurm_peer(os.environ, args.out, args.data_dir, config_from_args(args), kind=args.kind,
+                          base_port=args.base_port, degree=args.degree, bind_host=args.bind_host)
+    # The task's peer runs as a child of this same command, so that its exit status (a signal included) is
+    # seen, recorded and, with --restart, answered by starting it again.
+    child = [sys.executable, "-m", "p2pser", *args.argv, "--no-supervisor"]
+    return slurm_task(os.environ, args.out, child, restarts=args.restart)
 
 
 def _slurm_summary(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from p2pser.exchange.checkpoint import Checkpointer
 from p2pser.exchange.peer import build_peer
 from p2pser.exchange.topology import Topology
 from p2pser.partition.experiment import extract_for, make_plan, test_set
-from p2pser.report.metrics_log import MetricsWriter
+from p2pser.report.metrics_log import MetricsWriter, forget_rounds_from
 from p2pser.report.run_folder import METRICS, STATUS, peer_dir, write_json_atomic
 from p2pser.runtime import ensure_numba_cache, pin_threads
 
@@ -49,7 +49,8 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
     try:
         placement = spec_of(cfg.algorithm).placement(topology)
         # Keys are checked before feature extraction: a missing key file should not cost minutes first.
-        curve = curve_config(topology, peer_id, cfg.keys) if security_on(cfg.security, topology) else None
+        curve = (curve_config(topology, peer_id, cfg.keys, peer_address=cfg.peer_address)
+                 if security_on(cfg.security, topology) else None)
         plan = make_plan(data_dir, cfg, topology.n)
         needed = np.concatenate([plan.peers[peer_id], plan.test])
         features, row_of = extract_for(plan, needed, cfg, workers=1)
@@ -57,7 +58,9 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         del features
         saver = Checkpointer(peer, folder, cfg.checkpoint_every)
         resumed = cfg.resume == "auto" and saver.resume()
-        if not resumed:
+        if resumed:
+            forget_rounds_from(folder / METRICS, saver.next_round)
+        else:
             saver.save()  # from the first moment on, a restart has something to load
         checkpointer = saver  # only now may the exit path overwrite what a previous life left behind
         host = bind_host or topology.peers[peer_id].host
@@ -70,7 +73,8 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         )
         try:
             mailbox = Mailbox(peer, MetricsWriter(folder / METRICS), checkpointer=checkpointer)
-            write_json_atomic(folder / STATUS, status | {"state": "running", "resumed": resumed})
+            status["resumed"] = resumed  # kept to the end: the final status says whether this life resumed
+            write_json_atomic(folder / STATUS, status | {"state": "running"})
             RealtimeRunner(mailbox, transport).run(
                 algorithms.start(peer, checkpointer.next_round, resumed=resumed, **placement))
         finally:

@@ -255,7 +255,10 @@ def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
     try that got at least one answer we go on; if nobody answers we continue from where we are.
     """
     cfg = peer.config
-    peer.round = start_round
+    # A neighbour that restarted with us (a whole run continued, a host rebooted) pulls us too, and reads our
+    # answer's round as a round whose model we already sent. We sent the one before ``start_round``: saying
+    # so lets it rejoin at ``start_round`` with us instead of skipping it.
+    peer.round = max(start_round - 1, 0)
     answers: dict[int, Message] = {}
     for _ in range(PULL_TRIES):
         waiting = frozenset(peer.neighbours) - answers.keys()

@@ -44,6 +44,12 @@ MAX_NDIM = 8
 MAX_META_KEYS = 32
 MAX_META_STR = 1024
 DEFAULT_MAX_BYTES = 64 << 20
+# A message's ``samples`` weights fedavg's average and its ``age`` weights gossip's, so an absurd value would
+# let one neighbour outweigh all the others. These are the limits that hold for any run: more training
+# utterances than any speech corpus holds by orders of magnitude, and more local steps than any schedule
+# takes. A peer tightens both to what its own run allows (``Peer.decoder``).
+MAX_SAMPLES = 10**9
+MAX_AGE = 1e12
 # Wire names of the dtypes we accept; always little-endian, never object (object arrays would need pickle).
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
@@ -54,8 +60,8 @@ HEADER_FIELDS = frozenset(
 )
 
 # CodecError.reason values.
-REASONS = ("header", "version", "kind", "fields", "type", "template", "frames", "size", "checksum", "nonfinite",
-           "oversize")
+REASONS = ("header", "version", "kind", "fields", "type", "range", "template", "frames", "size", "checksum",
+           "nonfinite", "oversize")
 Template = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
 
@@ -248,17 +254,21 @@ class Decoder:
     shapes and dtypes as the local model. ``None`` accepts any model layout within the limits (for tools).
     ``templates`` overrides it per message kind (an algorithm that sends more than the model with each
     ``model`` message, while ``state`` answers carry the model alone). ``max_bytes`` bounds the tensor bytes
-    of one message.
+    of one message; ``max_samples`` and ``max_age`` the ``samples`` and ``age`` a sender may claim (a larger
+    claim is refused with reason "range").
     """
 
     def __init__(self, template: Template | None, *, templates: Mapping[str, Template] | None = None,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_samples: int = MAX_SAMPLES,
+                 max_age: float = MAX_AGE) -> None:
         def normal(t: Template) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             return {name: (tuple(int(d) for d in shape), np.dtype(dtype)) for name, (shape, dtype) in t.items()}
 
         self.template = None if template is None else normal(template)
         self.templates = {kind: normal(t) for kind, t in (templates or {}).items()}
         self.max_bytes = max_bytes
+        self.max_samples = min(max_samples, MAX_SAMPLES)
+        self.max_age = min(max_age, MAX_AGE)
 
     def _header(self, frame: Any) -> dict[str, Any]:
         raw = _buffer(frame)
@@ -303,6 +313,11 @@ class Decoder:
             raise CodecError("type", f"age must be a number, got {_show(age)}")
         if not math.isfinite(age) or age < 0:
             raise CodecError("nonfinite" if not math.isfinite(age) else "type", f"age is {age}")
+        if samples > self.max_samples:
+            raise CodecError("range", f"samples {samples} is more than {self.max_samples}, the most in this run")
+        if age > self.max_age:
+            raise CodecError("range", f"age {_show(age)} is more than {self.max_age:g} local steps, the most in "
+                                      "this run")
         meta = _check_meta(header["meta"])
         if not isinstance(header["names"], list):
             raise CodecError("type", "names must be a list")

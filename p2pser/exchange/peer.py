@@ -18,7 +18,7 @@ import numpy as np
 from p2pser.config import RunConfig, train_config
 from p2pser.errors import UserError
 from p2pser.exchange.attacks import Attacking, is_attacker
-from p2pser.exchange.codec import Message, encode
+from p2pser.exchange.codec import MAX_SAMPLES, Message, encode
 from p2pser.exchange.mixing import Contribution, MixingRule, consensus_distance, make_rule
 from p2pser.exchange.topology import Topology, metropolis_hastings_weights, rounds_to_agree
 from p2pser.learn.data import PeerData
@@ -39,8 +39,12 @@ class Peer:
         *,
         mix_weights: Mapping[int, float],
         rule: MixingRule | None = None,
+        max_samples: int = MAX_SAMPLES,
     ) -> None:
+        """``max_samples``: the most training utterances any peer of the run can hold (from the partition),
+        so a neighbour claiming more is refused instead of outweighing the others."""
         self.id = peer_id
+        self.max_samples = max_samples
         self.neighbours = sorted(neighbours)
         self.learner = learner
         self.config = config
@@ -142,8 +146,10 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
     )
     w = metropolis_hastings_weights(topology)
     neighbours = topology.neighbours(peer_id)
+    # A peer's samples are its training files less validation and skipped ones: never more than its share.
+    most = max(len(files) for files in plan.peers)
     peer = Peer(peer_id, neighbours, make_learner(data, cfg, peer_id), cfg,
-                mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]})
+                mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]}, max_samples=most)
     if cfg.normalizer == "global":
         peer.statistics_rounds = rounds_to_agree(topology, cfg.stats_tolerance)
     return peer

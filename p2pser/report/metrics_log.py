@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+from p2pser.files import write_atomically
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -20,3 +25,25 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def forget_rounds_from(path: Path, next_round: int) -> None:
+    """Drop the metrics rows of rounds the peer runs again after resuming from a checkpoint of ``next_round``
+    (it was stopped after writing them but before checkpointing them): one row per round of the model's own
+    history, as a run that never stopped would have written."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["round"]) >= next_round:
+                continue
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a torn last line (killed mid-write)
+        kept.append(line)
+    if len(kept) < len(lines):
+        log.info("%s: dropped %d row(s) of rounds from %d on, which the resumed peer runs again", path,
+                 len(lines) - len(kept), next_round)
+        write_atomically(path, lambda fh: fh.write("".join(f"{ln}\n" for ln in kept).encode()), durable=False)

@@ -44,15 +44,20 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_atomically(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()), durable=False)
 
 
-def prepare_out_dir(out_dir: str | Path) -> Path:
+def prepare_out_dir(out_dir: str | Path, *, continuing: bool | None = None) -> Path:
     """Create ``out_dir`` (or accept an empty or unused one) and prove it is writable.
 
     A folder that already holds a run (a ``summary.json`` or peer folders) is refused, so a second run can
-    never mix its files into the first one's results.
+    never mix its files into the first one's results; ``continuing=True`` (``--continue``) wants exactly
+    such a folder instead. ``continuing=False`` says the command could continue it, and the refusal says so.
     """
     out = Path(out_dir)
-    if (out / SUMMARY).exists() or any(out.glob(PEER_GLOB)):
-        raise UserError(f"output folder {out} already holds a run: choose a new --out")
+    holds_run = (out / SUMMARY).exists() or any(out.glob(PEER_GLOB))
+    if continuing and not (out / CONFIG).exists():
+        raise UserError(f"--continue: {out} holds no run to continue (no config.toml); drop --continue to start one")
+    if holds_run and not continuing:
+        how = ", or add --continue to continue it" if continuing is False else ""
+        raise UserError(f"output folder {out} already holds a run: choose a new --out{how}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"

@@ -110,10 +110,20 @@ def honest_figures(finals: Mapping[int, float | None], attackers: Iterable[int],
     }
 
 
+def bytes_sent(rows: list[dict]) -> int:
+    """Bytes a peer sent over all its lives: each restart (or continued run) counts from zero again."""
+    total = last = 0
+    for row in rows:
+        if row["bytes_sent"] < last:
+            total += last
+        last = row["bytes_sent"]
+    return int(total + last)
+
+
 def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
               average_model: float | None = None, attackers: Iterable[int] | None = None,
               task: Task = CLASSIFICATION, average_model_per_round: Mapping[int, float] | None = None,
-              ) -> dict[str, Any]:
+              restarts: Mapping[int, int] | None = None) -> dict[str, Any]:
     """Write ``summary.json`` and the plots; return the summary.
 
     Figures are the task's primary metric (``ua_mean`` ... for classification); ``average_model`` is that
@@ -121,7 +131,8 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
 
     ``attackers`` (an experiment's Byzantine peers; None: read them from the run folder's ``config.toml``
     if there is one) adds the honest-peer figures of ``honest_figures``; without attackers the summary has
-    no such fields.
+    no such fields. ``restarts`` (peer -> times a supervisor restarted it) adds ``restarts``, the total, and
+    each peer's count to its per-peer results.
     """
     run_dir = Path(run_dir)
     attackers = run_attackers(run_dir) if attackers is None else frozenset(attackers)
@@ -130,7 +141,7 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
     finals = {p: final_value(rows, task.test_key()) for p, rows in metrics.items()}
     uas = [v for v in finals.values() if v is not None]
     consensus = {r: float(np.mean(v)) for r, v in per_round(metrics, "consensus_distance").items()}
-    sent = {p: int(rows[-1]["bytes_sent"]) if rows else 0 for p, rows in metrics.items()}
+    sent = {p: bytes_sent(rows) for p, rows in metrics.items()}
     summary = dict(base) | {
         "peers": len(metrics),
         "rounds": max((int(rows[-1]["round"]) + 1 for rows in metrics.values() if rows), default=0),
@@ -146,6 +157,7 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
         "per_peer": [
             {"peer": p, task.primary: finals[p], "bytes_sent": sent[p], "rounds": len(metrics[p]),
              "state": status.get(p, {}).get("state"), "error": status.get(p, {}).get("error")}
+            | ({} if restarts is None else {"restarts": restarts.get(p, 0)})
             for p in sorted(metrics)
         ],
         "consensus_distance_per_round": consensus,
@@ -154,6 +166,8 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
     }
     if average_model_per_round:
         summary[task.summary_key("average_model_per_round")] = dict(average_model_per_round)
+    if restarts is not None:
+        summary["restarts"] = int(sum(restarts.values()))
     if attackers:
         summary |= honest_figures(finals, attackers, task)
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
@@ -211,14 +225,14 @@ def plot_run(run_dir: Path, summary: dict[str, Any], metrics: dict[int, list[dic
 def report_run(run_dir: Path, base: dict[str, Any], cfg, test: tuple[np.ndarray, np.ndarray, np.ndarray],
                classes: list[str], *, wall_s: float, attackers: Iterable[int] | None = None,
                task: Task = CLASSIFICATION, average_model_per_round: Mapping[int, float] | None = None,
-               ) -> dict[str, Any]:
+               restarts: Mapping[int, int] | None = None) -> dict[str, Any]:
     """The report of a finished run folder, whichever way it ran (simulate, launch, launch-hosts, Slurm):
     score the average of the peers' final models on ``test``, then ``summarize``."""
     from p2pser.report.average_model import average_model_score
 
     average = average_model_score(run_dir, cfg.model, cfg.seed, test, classes, task)
     return summarize(run_dir, base, wall_s=wall_s, average_model=average, attackers=attackers, task=task,
-                     average_model_per_round=average_model_per_round)
+                     average_model_per_round=average_model_per_round, restarts=restarts)
 
 
 def add_baseline(run_dir: str | Path, summary: dict[str, Any], baseline: Mapping[str, Any],

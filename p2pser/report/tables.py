@@ -18,8 +18,7 @@ def _fmt(value: Any) -> str:
 def print_summary(summary: dict[str, Any], out_dir: str, task: Task = CLASSIFICATION) -> None:
     keys = ["mode", "algorithm", "topology", "peers", "rounds", task.summary_key("mean"), task.summary_key("min"),
             task.summary_key("average_model"), f"baseline_centralized_{task.primary}", "gap_to_centralized",
-            "consensus_distance_first", "consensus_distance_last",
-            "bytes_sent_max_peer", "wall_s"]
+            "consensus_distance_first", "consensus_distance_last", "bytes_sent_max_peer", "wall_s", "restarts"]
     width = max(len(k) for k in keys)
     for k in keys:
         if k in summary:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from p2pser.config import RunConfig
 from p2pser.data.dataset import Experiment, prepare_experiment
 from p2pser.data.features import FeatureSpec, Normalizer
 from p2pser.errors import UserError
@@ -38,8 +39,9 @@ from p2pser.report.run_folder import prepare_out_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "cnn1d-shallow"
-DEFAULT_FEATURES = "mfcc"
+# The same defaults as a decentralized run: both arms of a comparison start alike.
+DEFAULT_MODEL = RunConfig.model
+DEFAULT_FEATURES = RunConfig.features
 
 
 def parse_folds(fold: int | str | Sequence[int], n_folds: int) -> list[int]:

@@ -339,6 +339,7 @@ def test_cli_features_goes_on_and_a_warm_run_opens_no_bad_file(corpus, monkeypat
         assert sum(f"{path}:" in line for line in lines) == (path.name.removeprefix("bad_") in SKIPPED)
 
 
+@pytest.mark.slow
 def test_cli_simulate_goes_on_past_the_bad_files(corpus, tmp_path):
     data, cache, bad = corpus
     out = tmp_path / "run"
@@ -354,6 +355,7 @@ def test_cli_simulate_goes_on_past_the_bad_files(corpus, tmp_path):
         assert skips == ([f"WARNING p2pser.data.features: skipped {path}: {reason}"] if reason else []), skips
 
 
+@pytest.mark.slow
 def test_cli_simulate_peer_whose_files_are_all_bad_is_one_clear_error(corpus, tmp_path, speech):
     data, cache, _ = corpus
     copy = tmp_path / "corpus"

@@ -50,6 +50,8 @@ from p2pser.exchange.codec import (
 from p2pser.exchange.inbox import Inbox
 from p2pser.exchange.topology import load_topology, make_topology, save_topology
 
+pytestmark = pytest.mark.slow  # a real peer process and ten thousand messages
+
 N_MESSAGES = 10_000
 HONEST = 3  # rounds played honestly before the fuzz; the peer then waits in round HONEST
 ROUNDS = HONEST + 3

@@ -185,6 +185,7 @@ def test_a_straggler_is_waited_for_not_dropped(synth_corpus, cache, tmp_path):
 
 # -- real processes --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_killed_peer_is_dropped_after_a_few_round_times_by_real_peers(tmp_path, synth_corpus, cache):
     """Four `p2pser peer` processes on a ring, a round_timeout of 60 s; peer 2 gets SIGKILL after its round
     CRASH. Its neighbours drop it after a few of their round times, not 60 s, and finish; nobody is dropped

@@ -55,6 +55,7 @@ def test_hosts_file_problems_are_clear_errors(tmp_path):
         load_hosts(tmp_path / "none.toml")
 
 
+@pytest.mark.slow
 def test_slurm_script_runs_one_peer_per_task_under_a_faked_srun(tmp_path, synth_corpus, feature_cache):
     fake = tmp_path / "bin" / "srun"
     fake.parent.mkdir()
@@ -95,6 +96,7 @@ def _wait(condition, timeout: float, what: str, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(bed, tmp_path, synth_corpus,
                                                                                feature_cache):

@@ -23,7 +23,7 @@ FAST = ["--model", "cnn1d-shallow", "--partition", "iid", "--features", "mfcc", 
         "--local-steps", "4", "--batch-size", "16"]
 _names = itertools.count()
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
 
 
 def bed_cmd(*args) -> subprocess.CompletedProcess:

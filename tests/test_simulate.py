@@ -118,6 +118,7 @@ def test_stragglers_slow_the_virtual_clock_not_the_result(setup, tmp_path):
     assert slow["ua_mean"] == pytest.approx(fast["ua_mean"])  # dpsgd waits: same models, later
 
 
+@pytest.mark.slow
 def test_cli_sweep_writes_comparison_and_rejects_bad_faults(setup, tmp_path, capsys):
     corpus, cfg, *_ = setup
     common = [str(corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--rounds", "4",

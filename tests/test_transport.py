@@ -164,6 +164,7 @@ def echoed(a: ZmqTransport, rnd: int, timeout: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_killed_neighbour_restarted_on_the_same_port_is_reached_again() -> None:
     a = ZmqTransport(0, ANY, {})
     proc, endpoint = start_echo(ANY, a.endpoint)

@@ -151,6 +151,7 @@ def best_aligned_error(a: np.ndarray, b: np.ndarray, n: int) -> float:
 # ---- in the library ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_each_kind_is_used_or_skipped_with_its_reason(speech, tmp_path, caplog):
     files = bad_files(speech)
     assert set(files) == {*USED, *DAMAGED, *SKIPPED}
@@ -288,6 +289,7 @@ def lines_naming(stderr: str, path: Path) -> list[str]:
     return [line for line in stderr.splitlines() if f"{path}:" in line]
 
 
+@pytest.mark.slow
 def test_cli_features_goes_on_and_a_warm_run_opens_no_bad_file(corpus, monkeypatch, caplog):
     data, cache, bad = corpus
     proc = run_cli("features", str(data), "--cache-dir", str(cache), "--workers", "1", "--no-progress",

@@ -104,6 +104,7 @@ def test_key_problems_are_clear_errors(keyed_ring, tmp_path):
     assert with_public_keys(bare, keys).peers[2].public_key == topo.peers[2].public_key
 
 
+@pytest.mark.slow
 def test_peer_with_security_on_and_no_key_file_stops_with_one_line(keyed_ring, tmp_path, synth_corpus):
     topo, _ = keyed_ring
     cache = tmp_path / "cache"

@@ -272,6 +272,7 @@ def test_classes_fix_label_order_and_drop_others(few, tmp_path, caplog):
     assert any(f"dropped {len(few) - len(kept)} utterances" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_features(shared_data, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(extract, "_MIN_FILES_PER_WORKER", 30)  # a real 2-process pool for a small job
     utts = manifest_utterances(shared_data / "ravdess", step=23, limit=60)

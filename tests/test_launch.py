@@ -68,6 +68,7 @@ def topology_file(tmp_path: Path, kind: str, n: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_four_peers_converge_and_learn(tmp_path, corpus, cache_dir):
     topo = topology_file(tmp_path, "ring", 4)
     run = tmp_path / "run"
@@ -161,6 +162,7 @@ def lone_peer(tmp_path_factory, corpus, cache_dir):
             "cache_dir": cache_dir}
 
 
+@pytest.mark.slow
 def test_malformed_frames_are_rejected_and_logged_while_training_goes_on(lone_peer):
     run = lone_peer["run"]
     log = (run / "peer0.log").read_text()
@@ -175,6 +177,7 @@ def test_malformed_frames_are_rejected_and_logged_while_training_goes_on(lone_pe
         assert all(np.isfinite(z[k]).all() for k in z.files)
 
 
+@pytest.mark.slow
 def test_privacy_every_frame_sent_is_a_header_or_a_declared_parameter_tensor(lone_peer):
     frames = lone_peer["frames"]
     assert len(frames) >= 10  # one model per round

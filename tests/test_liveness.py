@@ -150,6 +150,7 @@ def _round_lengths(rows: list[dict]) -> list[float]:
 CRASH = MIN_WINDOW + 2  # deadlines adapt from round MIN_WINDOW + 1 on
 
 
+@pytest.mark.slow
 def test_simulated_crash_costs_its_neighbours_a_few_rounds_not_the_round_timeout(synth_corpus, cache, tmp_path):
     lost = {}
     for mode in ("fixed", "adaptive"):
@@ -163,6 +164,7 @@ def test_simulated_crash_costs_its_neighbours_a_few_rounds_not_the_round_timeout
     assert lost["adaptive"] == pytest.approx(FLOOR_S, abs=0.5)  # rounds of 0.2 s: the absolute floor rules
 
 
+@pytest.mark.slow
 def test_a_straggler_is_waited_for_not_dropped(synth_corpus, cache, tmp_path):
     """One peer in four computes 20x slower: its neighbours wait ~4 s every round for it, the adaptive
     deadlines settle far below round_timeout, and the run is the very same as with fixed deadlines."""
@@ -185,6 +187,7 @@ def test_a_straggler_is_waited_for_not_dropped(synth_corpus, cache, tmp_path):
 
 # -- real processes --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_killed_peer_is_dropped_after_a_few_round_times_by_real_peers(tmp_path, synth_corpus, cache):
     """Four `p2pser peer` processes on a ring, a round_timeout of 60 s; peer 2 gets SIGKILL after its round
     CRASH. Its neighbours drop it after a few of their round times, not 60 s, and finish; nobody is dropped

@@ -55,6 +55,7 @@ def test_hosts_file_problems_are_clear_errors(tmp_path):
         load_hosts(tmp_path / "none.toml")
 
 
+@pytest.mark.slow
 def test_slurm_script_runs_one_peer_per_task_under_a_faked_srun(tmp_path, synth_corpus, feature_cache):
     fake = tmp_path / "bin" / "srun"
     fake.parent.mkdir()
@@ -83,6 +84,11 @@ def test_slurm_script_runs_one_peer_per_task_under_a_faked_srun(tmp_path, synth_
     assert summary["consensus_distance_last"] < summary["consensus_distance_first"]
 
 
+# How long the test waits for something that must happen: it only ends a broken run, a loaded machine
+# never nears it.
+LIMIT_S = 300
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -95,13 +101,19 @@ def _wait(condition, timeout: float, what: str, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(bed, tmp_path, synth_corpus,
                                                                                feature_cache):
     """`p2pser launch-hosts` starts one peer per namespace (remote shell: ip netns exec), CurveZMQ on because
     the topology spans hosts. Host 2's cable is pulled for a few rounds: it hears nobody and nobody hears
-    it; plugged back, it is heard again and the consensus distance, pushed up by the partition, falls
-    again. The gathered run folder has the summary of `p2pser launch`, with a UA well above chance."""
+    it, while hosts 0 and 1 go on together; plugged back, everyone hears everyone again and the consensus
+    distance, pushed up by the partition, falls again. The gathered run folder has the summary of `p2pser
+    launch`, with a UA well above chance.
+
+    Nothing is timed: each phase lasts until what it is about has happened, on a fast or a busy machine.
+    The round timeout (10 s) is long enough that peers in step never miss each other on a loaded machine,
+    so only the cable decides who is heard."""
     topo_path = save_topology(spread_topology(3, 3, kind="ring"), tmp_path / "topo.toml")
     keys = tmp_path / "keys"
     assert main(["keys", "new", str(keys), "--peers", "3"]) == 0
@@ -110,23 +122,37 @@ def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(
     hosts.write_text(f'[defaults]\nshell = "ip netns exec {{name}} sh -c"\npython = "{sys.executable}"\n' + "".join(
         f'[[hosts]]\nname = "{bed}-h{k}"\naddress = "10.231.0.{k + 1}"\nworkdir = "{tmp_path}/host{k}"\n'
         for k in range(3)))
-    # Enough rounds that the peers still run well after the cable is back, however fast the machine: the
-    # two connected peers keep going while host 2 is cut off.
+    # Enough rounds that the peers still run well after the cable is back, however fast the machine: host 2,
+    # waiting for nobody while cut off, runs ahead of the others.
     run, rounds = tmp_path / "run", 40
     metrics = {k: tmp_path / f"host{k}" / "run" / f"peer-{k:03d}" / "metrics.jsonl" for k in range(3)}
+
+    def last_round(k: int) -> int:
+        rows = _rows(metrics[k])
+        return rows[-1]["round"] if rows else -1
+
     with open(tmp_path / "launcher.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "p2pser", "launch-hosts", str(hosts), str(topo_path), str(synth_corpus), "--out",
-             str(run), "--keys", str(keys), "--rounds", str(rounds), "--round-timeout", "2", "--cache-dir",
+             str(run), "--keys", str(keys), "--rounds", str(rounds), "--round-timeout", "10", "--cache-dir",
              str(feature_cache), *FAST], stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait(lambda: min(len(_rows(m)) for m in metrics.values()) >= 4, 150, "every peer has done 4 rounds", proc)
+        _wait(lambda: min(len(_rows(m)) for m in metrics.values()) >= 4, LIMIT_S, "every peer has done 4 rounds",
+              proc)
+        before = {k: last_round(k) for k in range(3)}  # rounds finished with the cable in
         assert bed_cmd("link", bed, 2, "down").returncode == 0
-        down_at = {k: len(_rows(m)) for k, m in metrics.items()}
-        _wait(lambda: all(len(_rows(metrics[k])) >= down_at[k] + 4 for k in range(3)), 90, "4 rounds cut off", proc)
+        # A model sent before the cable was pulled may still be used in the round its receiver is in, or the
+        # one after (peers run up to a round apart); from round cut_from on, nothing can cross.
+        cut_from = max(last_round(k) for k in range(3)) + 2
+
+        def cut(k: int) -> list[dict]:
+            return [r for r in _rows(metrics[k]) if r["round"] >= cut_from]
+
+        _wait(lambda: len(cut(2)) >= 3 and all(any(r["heard"] for r in cut(k)) for k in (0, 1)), LIMIT_S,
+              "host 2 has gone 3 rounds alone and hosts 0 and 1 have heard each other", proc)
+        cut_until = {k: last_round(k) for k in range(3)}  # rounds finished before the cable is back
         assert bed_cmd("link", bed, 2, "up").returncode == 0
-        up_at = {k: len(_rows(m)) for k, m in metrics.items()}
-        assert proc.wait(timeout=180) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+        assert proc.wait(timeout=LIMIT_S) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -142,19 +168,20 @@ def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(
     rows = {k: _rows(run / f"peer-{k:03d}" / "metrics.jsonl") for k in range(3)}  # gathered copies
     for k in range(3):
         remote = tmp_path / f"host{k}" / "run"
-        assert (run / f"peer-{k:03d}" / "model.npz").exists() and len(rows[k]) == rounds
+        assert (run / f"peer-{k:03d}" / "model.npz").exists() and rows[k][-1]["round"] == rounds - 1
         assert stat.S_IMODE((remote / "keys" / f"peer-{k}.key").stat().st_mode) == 0o600
         assert not (remote / "keys" / f"peer-{(k + 1) % 3}.key").exists()  # a host gets only its own secret
-        assert rows[k][2]["heard"] == 2  # before the cut every peer heard both others
-    # While cut off (skipping the round in flight when the cable went): host 2 heard nobody, the others
-    # heard only each other.
-    cut = {k: rows[k][down_at[k] + 1:up_at[k]] for k in range(3)}
+        # Over CurveZMQ across the namespaces, every peer heard both others before the cut.
+        assert any(r["heard"] == 2 for r in rows[k] if r["round"] <= before[k]), rows[k][:before[k] + 1]
+    # While cut off, host 2 heard nobody and the others heard only each other (never host 2).
+    cut = {k: [r for r in rows[k] if cut_from <= r["round"] <= cut_until[k]] for k in range(3)}
     assert cut[2] and all(r["heard"] == 0 and r["consensus_distance"] is None for r in cut[2]), cut[2]
     for k in (0, 1):
-        assert cut[k] and all(r["heard"] == 1 for r in cut[k]), cut[k]
-    # Healed: everyone hears both others again by the end, and the mesh converges again.
+        assert cut[k] and all(r["heard"] <= 1 for r in cut[k]) and any(r["heard"] == 1 for r in cut[k]), cut[k]
+    # Healed: everyone hears both others again, and the mesh converges again.
+    healed = {k: [r for r in rows[k] if r["round"] > cut_until[k]] for k in range(3)}
     for k in range(3):
-        assert rows[k][-1]["heard"] == 2, (k, rows[k][up_at[k]:])
-    after = [r["consensus_distance"] for r in rows[2][up_at[2]:] if r["consensus_distance"] is not None]
+        assert any(r["heard"] == 2 for r in healed[k]), (k, healed[k])
+    after = [r["consensus_distance"] for r in healed[2] if r["consensus_distance"] is not None]
     assert len(after) >= 3 and after[-1] < 0.5 * max(after), after
     assert bed_cmd("list", bed).stdout.split() == [f"{bed}-h{k}" for k in range(3)]

@@ -188,6 +188,7 @@ def _honest(summary: dict) -> tuple[float, float]:
     return float(np.mean(honest)), float(np.min(honest))
 
 
+@pytest.mark.slow
 def test_robust_mixing_keeps_honest_peers_learning_under_a_sign_flip_attack(setup, synth_corpus, tmp_path):
     cfg, plan, features, row_of = setup
     topology = make_topology("exponential", N)

@@ -46,6 +46,7 @@ def metrics_without_time(run_dir: Path) -> dict:
     return {p: [{k: v for k, v in r.items() if k != "time"} for r in rows] for p, rows in read_metrics(run_dir).items()}
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_run_after_run(setup, tmp_path):
     faults = FaultPlan(drop=0.2, delay=Distribution("exp", (0.02,)), step_time=Distribution("uniform", (0.01, 0.05)))
     a = run(setup, tmp_path, "a", faults, algorithm="gossip")
@@ -57,6 +58,7 @@ def test_same_seed_same_metrics_run_after_run(setup, tmp_path):
     assert metrics_without_time(tmp_path / "c") != metrics_without_time(tmp_path / "a")
 
 
+@pytest.mark.slow
 def test_drops_are_counted_as_a_real_faulty_transport_counts_them(setup, tmp_path):
     run(setup, tmp_path, "clean")
     run(setup, tmp_path, "lossy", FaultPlan(drop=0.5))
@@ -80,6 +82,7 @@ def _cross_cut_distance(run_dir: Path) -> float:
     return float(np.sqrt(sum(np.sum((means[0][k] - means[1][k]) ** 2) for k in means[0])))
 
 
+@pytest.mark.slow
 def test_partition_stops_consensus_across_the_cut_until_it_heals(setup, tmp_path):
     run(setup, tmp_path, "whole")
     run(setup, tmp_path, "cut", FaultPlan(partition=(1, 1000)))
@@ -115,6 +118,7 @@ def test_convergence_stop_rule_ends_the_run_early(setup, tmp_path):
     assert summary["rounds"] < 12
 
 
+@pytest.mark.slow
 def test_stragglers_slow_the_virtual_clock_not_the_result(setup, tmp_path):
     fast = run(setup, tmp_path, "fast")
     slow = run(setup, tmp_path, "slow", FaultPlan(stragglers=0.25, straggler_factor=10.0))
@@ -122,6 +126,7 @@ def test_stragglers_slow_the_virtual_clock_not_the_result(setup, tmp_path):
     assert slow["ua_mean"] == pytest.approx(fast["ua_mean"])  # dpsgd waits: same models, later
 
 
+@pytest.mark.slow
 def test_cli_sweep_writes_comparison_and_rejects_bad_faults(setup, tmp_path, capsys):
     corpus, cfg, *_ = setup
     common = [str(corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--rounds", "4",

@@ -29,6 +29,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("feature_cache")
 
 
+@pytest.mark.slow
 def test_train_end_to_end(synth_corpus: Path, cache: Path, tmp_path: Path):
     out = tmp_path / "run"
     proc = _train([str(synth_corpus), "--fold", "1,3", "--model", "cnn1d-shallow", "--features", "mfcc",

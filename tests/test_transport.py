@@ -28,7 +28,14 @@ def ping(sender: int, rnd: int) -> list:
     return encode({}, sender=sender, round=rnd, samples=0, kind="ping")
 
 
-def wait_for(t: ZmqTransport, timeout: float = 5.0) -> tuple[int | None, list]:
+# A message that must arrive is waited for this long: it only ends a broken run, a loaded machine never
+# nears it. Sends that must not block are held to NONBLOCKING_S, far above what they take (microseconds)
+# and far below forever, which is what a blocking send to a dead or silent neighbour waits.
+ARRIVAL_S = 60.0
+NONBLOCKING_S = 10.0
+
+
+def wait_for(t: ZmqTransport, timeout: float = ARRIVAL_S) -> tuple[int | None, list]:
     got = t.recv(timeout)
     assert got is not None, "no message within the timeout"
     return got
@@ -104,8 +111,7 @@ def test_dead_neighbour_never_blocks_sends_to_the_others(pair) -> None:
     a.add_neighbour(2, f"tcp://127.0.0.1:{unused_port()}")
     start = time.perf_counter()
     results = [a.send(2, model_frames(0, r)) for r in range(a.queue_limit + 10)]
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5
+    assert time.perf_counter() - start < NONBLOCKING_S
     # Up to queue_limit messages wait for the neighbour to come up; after that they are dropped.
     assert a.queue_limit <= results.count(True) <= a.queue_limit + 1
     assert a.messages_dropped == results.count(False) >= 9
@@ -122,13 +128,13 @@ def test_a_neighbour_that_does_not_read_makes_sends_drop_not_block() -> None:
     try:
         start = time.perf_counter()
         sent = [a.send(1, encode(big, sender=0, round=r, samples=1)) for r in range(60)]
-        assert time.perf_counter() - start < 2.0
+        assert time.perf_counter() - start < NONBLOCKING_S
         assert sent.count(False) > 0 and a.messages_dropped == sent.count(False)
         assert a.send(2, ping(0, 1)) and wait_for(fast)[0] == 0
-        received = 0
-        while slow.recv(0.5) is not None:
-            received += 1
-        assert 1 <= received == sent.count(True)
+        # Every message that was queued arrives once the neighbour reads, and no more than those.
+        for _ in range(sent.count(True)):
+            wait_for(slow)
+        assert sent.count(True) >= 1 and slow.recv(0.5) is None
     finally:
         for t in (a, slow, fast):
             t.close()
@@ -164,23 +170,24 @@ def echoed(a: ZmqTransport, rnd: int, timeout: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_killed_neighbour_restarted_on_the_same_port_is_reached_again() -> None:
     a = ZmqTransport(0, ANY, {})
     proc, endpoint = start_echo(ANY, a.endpoint)
     try:
         a.add_neighbour(1, endpoint)
-        assert echoed(a, 1, 10.0)
+        assert echoed(a, 1, ARRIVAL_S)
         proc.kill()
         proc.wait()
         start = time.perf_counter()
         for r in range(2, 40):
             a.send(1, ping(0, r))
-        assert time.perf_counter() - start < 0.5  # the dead neighbour costs the sender nothing
+        assert time.perf_counter() - start < NONBLOCKING_S  # the dead neighbour costs the sender no wait
         while a.recv(0.05) is not None:
             pass
         proc, again = start_echo(endpoint, a.endpoint)
         assert again == endpoint
-        assert echoed(a, 100, 10.0)
+        assert echoed(a, 100, ARRIVAL_S)
     finally:
         proc.kill()
         proc.wait()
@@ -227,10 +234,9 @@ def test_faulty_transport_loses_messages_reproducibly() -> None:
         lost.append(f.messages_lost)
         assert f.messages_dropped == a.messages_dropped + f.messages_lost
     assert lost[0] == lost[1] and 8 < lost[0] < 32
-    rounds = []
-    while (got := b.recv(0.3)) is not None:
-        rounds.append(DECODER.decode(got[1]).round)
-    assert len(rounds) == 80 - sum(lost)
+    for _ in range(80 - sum(lost)):  # what was not lost arrives ...
+        DECODER.decode(wait_for(b)[1])
+    assert b.recv(0.3) is None  # ... and nothing else
     assert FaultyTransport(a, drop=1.0).send(1, ping(0, 0)) and b.recv(0.2) is None
     a.close()
     b.close()
@@ -242,17 +248,20 @@ def test_faulty_transport_delays_without_blocking_and_copies_frames(pair) -> Non
     state = {"w": STATE["w"].copy(), "b": STATE["b"].copy()}
     start = time.perf_counter()
     assert f.send(1, encode(state, sender=0, round=1, samples=1))
-    assert time.perf_counter() - start < 0.05
     state["w"][:] = -1  # the caller reuses its buffers at once
     _, got = wait_for(b)
-    arrived = time.perf_counter() - start
-    assert 0.3 <= arrived < 1.5
+    assert time.perf_counter() - start >= 0.3  # not before its delay
     msg = DECODER.decode(got)
     np.testing.assert_array_equal(msg.tensors["w"], STATE["w"])
-    assert f.send(1, ping(0, 2))
-    f.close()  # a message still in flight is lost with the link
+    # A send returns at once however long the delay; a message still in flight is lost with the link.
+    slow = FaultyTransport(a, delay_s=3600.0)
+    start = time.perf_counter()
+    assert slow.send(1, ping(0, 2))
+    assert time.perf_counter() - start < NONBLOCKING_S
+    slow.close()
+    f.close()
     assert b.recv(0.5) is None
-    assert not f.send(1, ping(0, 3))
+    assert not slow.send(1, ping(0, 3)) and not f.send(1, ping(0, 3))
     with pytest.raises(UserError, match="drop probability"):
         FaultyTransport(a, drop=2.0)
 

@@ -36,6 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_paths(parser: argparse.ArgumentParser | None = None) -> list[list[str]]:
+    """Every command of the CLI as its words: [], ["data"], ["data", "info"], ... (tests and benchmarks
+    print each one's help)."""
+    parser = parser or build_parser()
+    paths = [[]]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += [[name, *rest] for rest in command_paths(sub)]
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

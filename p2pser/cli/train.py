@@ -6,11 +6,13 @@ import argparse
 
 from p2pser.cli.features import add_spec_arguments, spec_from_args
 from p2pser.config import NORMALIZERS, RunConfig
-from p2pser.experiments.centralized import DEFAULT_FEATURES, DEFAULT_MODEL, format_results, train_centralized
 from p2pser.features.cache import default_cache_dir
-from p2pser.learn.models import MODEL_NAMES
-from p2pser.learn.trainer import recommended_config
 from p2pser.runtime import pin_threads
+
+# The baseline starts from the decentralized run's defaults (one place, the light config module), so
+# `p2pser train --help` names them without importing torch.
+DEFAULT_MODEL = RunConfig.model
+DEFAULT_FEATURES = RunConfig.features
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", default=None, help="folds file (default DIR/folds.json)")
     p.add_argument("--fold", default="all", help="fold number, comma list (1,3) or 'all' (default all)")
     p.add_argument("--test-speakers", default=None, help="comma list of test speakers: one fold instead of --folds")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_NAMES)} (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name from the registry (default {DEFAULT_MODEL})")
     add_spec_arguments(p)
     # --features is the name users and the simulator know the feature kind by; --kind stays as its alias.
     p.set_defaults(kind=DEFAULT_FEATURES)
@@ -49,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Heavy imports (torch) only when the command runs: `p2pser --help` stays fast.
+    from p2pser.experiments.centralized import format_results, train_centralized
+    from p2pser.learn.trainer import recommended_config
+
     pin_threads(max(1, args.threads))
     cfg = recommended_config(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     summary = train_centralized(

@@ -275,6 +275,7 @@ def catch_up(peer: Peer, start_round: int) -> Generator[Any, Any, int]:
     if not answers:
         log.warning("peer %d: no neighbour answered the catch-up pull; continuing from round %d", peer.id,
                     start_round)
+        peer.round = start_round
         return start_round
     answers = dict(sorted(answers.items()))
     weights = {peer.id: 0.0} | {s: peer.mix_weights.get(s, 1.0) for s in answers}

@@ -13,12 +13,14 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
 from p2pser.errors import UserError
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class Topology:
         return len(self.neighbours(i))
 
     def graph(self) -> nx.Graph:
+        import networkx as nx  # lazily: the CLI reads KINDS here, and networkx costs 0.1 s of every --help
+
         g = nx.Graph()
         g.add_nodes_from(range(self.n))
         g.add_edges_from(self.edges)
@@ -108,6 +112,8 @@ class Topology:
 
     @cached_property
     def diameter(self) -> int:
+        import networkx as nx
+
         return nx.diameter(self.graph()) if self.n > 1 else 0
 
 
@@ -142,6 +148,8 @@ def _structure_problem(
         if pair in pairs:
             return "edges", f"edge [{a}, {b}] is listed twice"
         pairs.add(pair)
+    import networkx as nx
+
     g = nx.Graph()
     g.add_nodes_from(seen)
     g.add_edges_from(pairs)
@@ -194,6 +202,8 @@ def _exponential_edges(n: int) -> list[tuple[int, int]]:
 def _connected_random_regular(n: int, degree: int, seed: int) -> nx.Graph:
     if not 1 <= degree < n or (n * degree) % 2:
         raise UserError(f"random-regular needs 1 <= degree < n and n*degree even; got n={n}, degree={degree}")
+    import networkx as nx
+
     for attempt in range(100):
         # Deterministic retries: a derived seed per attempt keeps the same (n, degree, seed) -> same graph.
         g = nx.random_regular_graph(degree, n, seed=seed * 1000 + attempt)
@@ -248,6 +258,8 @@ def make_topology(
             raise UserError(f"small-world needs an even degree 2 <= k < n; got k={k}, n={n}")
         if not 0.0 <= p <= 1.0:
             raise UserError(f"small-world rewire probability must be in [0, 1], got {p}")
+        import networkx as nx
+
         try:
             g = nx.connected_watts_strogatz_graph(n, k, p, tries=100, seed=seed)
         except nx.NetworkXError as exc:
@@ -413,6 +425,8 @@ def summary(topo: Topology) -> dict[str, Any]:
 
 
 def _layout(topo: Topology) -> dict[int, tuple[float, float]]:
+    import networkx as nx
+
     if topo.kind == "torus":
         rows, cols = _torus_shape(topo.n)
         if rows > 1:

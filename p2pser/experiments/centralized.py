@@ -43,9 +43,10 @@ from p2pser.report.run_folder import SUMMARY, prepare_out_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "cnn1d-shallow"
-DEFAULT_FEATURES = "mfcc"
-DEFAULT_NORMALIZER = RunConfig().normalizer  # pooled and decentralized runs default to the same mode
+# The same defaults as a decentralized run: both arms of a comparison start alike.
+DEFAULT_MODEL = RunConfig.model
+DEFAULT_FEATURES = RunConfig.features
+DEFAULT_NORMALIZER = RunConfig.normalizer
 
 
 @dataclass

@@ -37,6 +37,7 @@ ARMS: dict[str, list[str]] = {
     "lr5e-3": ["--lr", "0.005"],
     "final-mixing": ["--final-mixing", "10"],
 }
+POOLED = "pooled"  # the reference on the same task: `p2pser train` with its defaults
 
 
 def tuning_corpus(work: Path) -> Path:
@@ -67,9 +68,10 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--extra", default="", help="options added to every arm (e.g. '--rounds 40')")
+    parser.add_argument("--name", default="recipe", help="results file name (parallel runs write apart)")
     args = parser.parse_args()
     corpus = tuning_corpus(args.work)
-    out = RESULTS / "recipe.json"
+    out = RESULTS / f"{args.name}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("arms", {})
     results["protocol"] = ("RAVDESS minus fold 1's test actors; validation = fold 2's test actors; 16 peers, "
@@ -78,15 +80,20 @@ def main() -> None:
     for arm in args.arms.split(","):
         for seed in args.seeds.split(","):
             run = args.work / f"{arm}-seed{seed}"
-            cmd = ["simulate", str(corpus), *BASE, *ARMS[arm], *args.extra.split(), "--seed", seed,
-                   "--cache-dir", str(args.work / "cache"), "--out", str(run)]
+            if arm == POOLED:
+                cmd = ["train", str(corpus), "--seed", seed, "--no-progress", "--cache-dir", str(args.work / "cache"),
+                       "--out", str(run)]
+            else:
+                cmd = ["simulate", str(corpus), *BASE, *ARMS[arm], *args.extra.split(), "--seed", seed,
+                       "--cache-dir", str(args.work / "cache"), "--out", str(run)]
             timed = run_timed(cmd, args.work / f"{arm}-seed{seed}.log")
             summary = json.loads((run / "summary.json").read_text())
+            keys = ("ua",) if arm == POOLED else ("ua_mean", "ua_min", "ua_average_model", "consensus_distance_last",
+                                                 "bytes_sent_max_peer", "rounds", "ua_mean_per_round")
             results["arms"].setdefault(arm, {})[seed] = timed | {"commit": provenance(sys.argv)["commit"]} | {
-                k: summary.get(k) for k in ("ua_mean", "ua_min", "ua_average_model", "consensus_distance_last",
-                                            "bytes_sent_max_peer", "rounds")}
-            print(arm, seed, results["arms"][arm][seed]["ua_mean"], flush=True)
-            write_results("recipe", results | provenance(sys.argv))
+                k: summary.get(k) for k in keys}
+            print(arm, seed, summary.get("ua_mean", summary.get("ua")), flush=True)
+            write_results(args.name, results | provenance(sys.argv))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ LIVENESS = ("adaptive", "fixed")
 PEER_ADDRESS = ("strict", "key-only")
 MIXINGS = ("average", "clipped", "trimmed")
 ATTACKS = ("none", "sign-flip", "scale", "random")
+MODELS = ("svm", "cnn1d-shallow", "cnn1d", "cnn2d", "crnn")  # the registry in p2pser.learn.models, by name
 OPTIMIZERS = ("adamw", "sgd")
 NORMALIZERS = ("speaker", "global", "local")
 OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
@@ -138,6 +139,7 @@ class RunConfig:
         for name in ("checkpoint_every", "trim", "clip_radius", "final_mixing", "pull_rate"):
             if getattr(self, name) < 0:
                 raise UserError(f"config key '{name}' must not be negative, got {getattr(self, name)}")
+        check_model_name(self.model)  # before any audio is read: a typo costs no feature extraction
         self.attacker_ids()  # a malformed list fails on load, not in the middle of a run
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise UserError(f"config key 'optimizer': {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -161,6 +163,11 @@ class RunConfig:
 def _type_hints(cls: type) -> dict[str, Any]:
     # Evaluated once per class: per field it cost 45 ms of every `p2pser --help` (about 180 fields' flags).
     return typing.get_type_hints(cls)
+
+
+def check_model_name(name: str) -> None:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> type:

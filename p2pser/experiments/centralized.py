@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from p2pser.config import RunConfig
+from p2pser.config import RunConfig, check_model_name
 from p2pser.errors import UserError
 from p2pser.features.normalize import Normalizer, standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec
 from p2pser.learn.metrics import classification_report
-from p2pser.learn.models import MODEL_NAMES, build_model, count_parameters
+from p2pser.learn.models import build_model, count_parameters
 from p2pser.learn.tasks import CLASSIFICATION, Task
 from p2pser.learn.trainer import LocalTrainer, TrainConfig, predict_scores, recommended_config
 from p2pser.partition.experiment import Experiment, load_experiment, rows
@@ -202,8 +202,7 @@ def train_experiment(
     ``val_fraction`` > 0 holds out that share of the training speakers' utterances and keeps the epoch
     with the best validation UA; 0 trains on everything and keeps the last epoch.
     """
-    if model_name not in MODEL_NAMES:
-        raise UserError(f"unknown model {model_name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    check_model_name(model_name)
     out = Path(out_dir)
     start = time.perf_counter()
     folds = list(fold_numbers)
@@ -276,8 +275,7 @@ def train_centralized(
     ``spec`` overrides ``features`` (a feature kind with default settings); ``train_cfg`` defaults to the
     model's recommended configuration. Returns the summary also written to ``out_dir/summary.json``.
     """
-    if model_name not in MODEL_NAMES:
-        raise UserError(f"unknown model {model_name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    check_model_name(model_name)
     if not Path(data_dir).is_dir():
         raise UserError(f"data folder {data_dir} does not exist or is not a folder")
     start = time.perf_counter()

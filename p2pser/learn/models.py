@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p2pser.config import MODELS
 from p2pser.errors import UserError
 
 LossKind = str  # "ce" (softmax cross-entropy) or "hinge" (multi-class hinge, Weston-Watkins)
@@ -205,6 +206,8 @@ _REGISTRY: dict[str, _Factory] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# The config validates names without importing torch; both lists must name the same models.
+assert MODEL_NAMES == MODELS, (MODEL_NAMES, MODELS)
 
 
 def build_model(name: str, in_channels: int, n_frames: int, n_classes: int, *, seed: int | None = None) -> nn.Module:

@@ -25,7 +25,6 @@ from p2pser.errors import UserError
 from p2pser.features.extract import extract_features
 from p2pser.features.normalize import standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec, encode_labels
-from p2pser.learn.models import MODEL_NAMES
 from p2pser.partition.folds import Fold, folds_from_test_speakers, load_folds, split_fold
 from p2pser.partition.peers import partition
 
@@ -141,8 +140,6 @@ def make_plan(data_dir: str | Path, cfg: RunConfig, n_peers: int | None = None) 
     """The run's fold and partition from the configuration (``n_peers`` None: one peer per training
     speaker, which only the speaker partition can choose)."""
     # Names are checked before anything is read, so a typo costs no feature extraction.
-    if cfg.model not in MODEL_NAMES:
-        raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
     feature_spec(cfg)
     if n_peers is None and cfg.partition != "speaker":
         raise UserError(f"--partition {cfg.partition} needs a number of peers (--peers N or a topology)")

@@ -60,7 +60,9 @@ def compare(before: Path, after: Path) -> dict:
                 compared += 1
                 if x[key] != y[key]:
                     differences.append(f"{peer} round {x.get('round')}: {key} {x[key]!r} -> {y[key]!r}")
+    fields = sorted({d.split(": ", 1)[1].split()[0] for d in differences if ": " in d})
     return {"values_compared": compared, "differences": differences[:50], "n_differences": len(differences),
+            "differing_fields": fields,
             "fields_only_before": sorted(only_before), "fields_only_after": sorted(only_after),
             "identical": not differences}
 

@@ -1,116 +1,166 @@
-"""Issue 3 targets on real speech: RAVDESS fold 1, 20 peers (one actor each), against the centralized baseline.
+"""Issue 11: is the gossip-learned model as good as pooled training? Defaults against defaults, as a user runs
+them, on real speech; every figure into benchmarks/results/gossip.json with the commit, command and load.
 
-- ``exponential-20``, dpsgd, with real processes (``p2pser launch``: 20 OS processes on loopback ZeroMQ);
-- ``ring-20`` and ``exponential-20`` (dpsgd) simulated, with ``--baseline centralized`` (the pooled-data
-  model with the same model, features, training settings and epoch budget, trained in the same run);
-- ``star-20``, fedavg, simulated (the same peer code; only transport and clock differ);
-- ``budget4x``: exponential-20 simulated with 120 rounds against its own baseline (4x the epochs in both arms).
+Parts (``--parts``, comma list; each rewrites only its own entry):
 
-Every arm uses svm on mfcc, 30 rounds of 4 local steps (batch 16, lr 0.02), seed 0. The simulated dpsgd runs
-come from bench_simulate.py's topology sweep when ``--sweep DIR`` points at it (ring and exponential for 20
-peers are the very graphs of topologies/ring-20.toml and exponential-20.toml, checked here), otherwise they
-run here. Results: benchmarks/results/gossip.json; run folders under ``--work``.
+- ``headline``: RAVDESS fold 1. ``p2pser train RAVDESS --fold 1`` (defaults) against ``p2pser launch
+  topologies/exponential-20.toml RAVDESS --fold 1`` (defaults: 20 real processes, one actor each).
+- ``baselines``: the pooled model with the decentralized schedule's sequential steps and batch n x b (n peers
+  x b per peer), next to the default pooled recipe; and the pooled model under the old ``global``
+  normaliser, today's figure before this work (49.6%).
+- ``ablation``: RAVDESS fold 1 simulated, each cause switched off from the defaults in turn: the speaker
+  normaliser (``--normalizer local``), the recipe (the earlier defaults), drift correction (K-GT),
+  final averaging.
+- ``ring``: ring-20 simulated, with the bytes of the busiest peer; ``star``: fedavg on star-20.
+- ``ravdess-folds`` / ``emodb-folds``: every fold simulated with the defaults (RAVDESS 20 peers, EmoDB 8
+  peers) against the pooled model's folds.
+- ``ring8``: the synthetic corpus on topologies/ring-8.toml, 20 rounds, defaults: consensus distance of the
+  first and the last round, and the spread of the peers' UA.
 
-    python benchmarks/bench_gossip.py [--sweep /tmp/gwork/sweep]
+    python benchmarks/bench_gossip.py --parts headline,baselines,ablation,ring,star,ravdess-folds,emodb-folds,ring8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_simulate import DATA, RESULTS, ROUNDS, SVM, TOPOLOGIES, brief, run_timed
+from bench_common import DATA, REPO, RESULTS, provenance, write_results
+from bench_simulate import run_timed
+
+TOPOLOGIES = REPO / "topologies"
+RAVDESS, EMODB = DATA / "ravdess", DATA / "emodb"
+# The decentralized defaults before this work, for the ablation (cnn1d-shallow, AdamW kept across averages).
+OLD_RECIPE = ["--rounds", "30", "--local-steps", "8", "--final-mixing", "0", "--algorithm", "dpsgd",
+              "--optimizer-state", "keep"]
+PEER_FIELDS = ("ua_mean", "ua_min", "ua_max", "ua_average_model", "consensus_distance_first",
+               "consensus_distance_last", "bytes_sent_max_peer", "rounds", "peers", "ua_average_model_per_round",
+               "ua_mean_per_round")
 
 
-def _same_graph(kind: str, file: str) -> bool:
-    from p2pser.exchange.topology import load_topology, make_topology
+def simulate(work: Path, name: str, corpus: Path, *options: str) -> dict:
+    out = work / name
+    timed = run_timed(["simulate", str(corpus), *options, "--cache-dir", str(work / "cache"), "--out", str(out)],
+                      work / f"{name}.log")
+    summary = json.loads((out / "summary.json").read_text())
+    return timed | {k: summary.get(k) for k in PEER_FIELDS}
 
-    return make_topology(kind, 20).edges == load_topology(TOPOLOGIES / file).edges
+
+def train(work: Path, name: str, corpus: Path, *options: str) -> dict:
+    out = work / name
+    timed = run_timed(["train", str(corpus), *options, "--no-progress", "--cache-dir", str(work / "cache"),
+                       "--out", str(out)], work / f"{name}.log")
+    summary = json.loads((out / "summary.json").read_text())
+    return timed | {"ua": summary["ua"], "per_fold": [{k: f[k] for k in ("fold", "ua", "train_s")}
+                                                     for f in summary["per_fold"]],
+                    "train_config": summary["train_config"]}
 
 
-def _baseline(summary: dict) -> dict:
-    return {"ua": summary["ua"], "epochs": summary["epochs"], "wall_s": summary["wall_s"],
-            "train_config": summary["train_config"]}
+def headline(work: Path, results: dict, base_port: int) -> None:
+    pooled = train(work, "train-fold1", RAVDESS, "--fold", "1")
+    out = work / "launch-fold1"
+    launched = run_timed(["launch", str(TOPOLOGIES / "exponential-20.toml"), str(RAVDESS), "--fold", "1",
+                          "--quiet", "--base-port", str(base_port), "--cache-dir", str(work / "cache"),
+                          "--out", str(out)], work / "launch-fold1.log")
+    summary = json.loads((out / "summary.json").read_text())
+    launched |= {k: summary.get(k) for k in PEER_FIELDS}
+    results["headline"] = {
+        "train": pooled, "launch": launched,
+        "gap_mean_points": round(100 * (pooled["ua"] - launched["ua_mean"]), 2),
+        "gap_min_points": round(100 * (pooled["ua"] - launched["ua_min"]), 2),
+        "targets": {"gap_mean_points": 2.0, "gap_min_points": 4.0, "launch_wall_s": 900},
+    }
+
+
+def baselines(work: Path, results: dict) -> None:
+    from p2pser.config import RunConfig
+
+    cfg = RunConfig()
+    peers, training_utterances = 20, 1200 * (1 - cfg.val_fraction)  # fold 1: 20 actors x 60, less validation
+    batch = peers * cfg.batch_size
+    steps = cfg.rounds * cfg.local_steps
+    epochs = max(1, round(steps / max(1, int(training_utterances // batch))))
+    results["baselines"] = {
+        "same_sequential_steps_batch_nxb": train(work, "train-fold1-nxb", RAVDESS, "--fold", "1", "--batch-size",
+                                                 str(batch), "--epochs", str(epochs)) | {
+            "why": f"{steps} sequential steps of batch {peers} x {cfg.batch_size}, as the peers make"},
+        "global_normaliser_before_this_work": train(work, "train-fold1-global", RAVDESS, "--fold", "1",
+                                                    "--normalizer", "global"),
+    }
+
+
+def ablation(work: Path, results: dict) -> None:
+    topo = ["--topology", str(TOPOLOGIES / "exponential-20.toml"), "--fold", "1"]
+    arms = {
+        "defaults": [],
+        "normalizer local": ["--normalizer", "local"],
+        "earlier recipe": OLD_RECIPE,
+        "earlier recipe, normalizer local (before this work)": [*OLD_RECIPE, "--normalizer", "local"],
+        "no final averaging": ["--final-mixing", "0"],
+        "K-GT drift correction": ["--algorithm", "kgt"],
+    }
+    results.setdefault("ablation", {})
+    for name, options in arms.items():
+        results["ablation"][name] = simulate(work, "ablation-" + name.replace(" ", "-").replace(",", ""),
+                                             RAVDESS, *topo, *options) | {"options": " ".join(options)}
+        yield
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/gwork"), help="run folders and feature cache")
-    parser.add_argument("--sweep", type=Path, default=None, help="bench_simulate.py's topology sweep folder")
-    parser.add_argument("--base-port", type=int, default=47300, help="ports for the launched peers")
-    parser.add_argument("--parts", default="sim,star,launch,budget4x", help="arms to (re)run; others are kept")
-    parser.add_argument("--reuse", action="store_true", help="budget4x: read an existing run folder in --work")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="headline,baselines,ablation,ring,star,ring8")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gossip-work"))
+    parser.add_argument("--base-port", type=int, default=47300)
     args = parser.parse_args()
-    work = args.work
-    common = [str(DATA / "ravdess"), *SVM, *ROUNDS, "--cache-dir", str(work / "cache")]
     out = RESULTS / "gossip.json"
-    parts = set(args.parts.split(","))
-    results: dict = json.loads(out.read_text()) if out.exists() else {}
-    results.update(machine=f"{os.cpu_count()} CPUs (shared with other engineers), no GPU",
-                   options=" ".join(SVM + ROUNDS), date=time.strftime("%Y-%m-%d %H:%M"))
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results = {k: v for k, v in results.items() if k not in ("machine", "options", "date")}  # older format
 
-    if "sim" not in parts:
-        pass
-    elif args.sweep is not None and _same_graph("ring", "ring-20.toml") and _same_graph("exponential",
-                                                                                        "exponential-20.toml"):
-        sweep = json.loads((args.sweep / "comparison.json").read_text())
-        by_label = {s["label"]: s for s in sweep["runs"]}
-        results["simulate_dpsgd"] = {"source": f"bench_simulate.py topology sweep ({args.sweep})",
-                                     "ring-20": brief(by_label["ring"]),
-                                     "exponential-20": brief(by_label["exponential"])}
-        results["centralized"] = _baseline(sweep["baseline"])
-    else:
-        sweep_dir = work / "gossip-sweep"
-        topo = f"{TOPOLOGIES / 'ring-20.toml'},{TOPOLOGIES / 'exponential-20.toml'}"
-        timed = run_timed(["simulate", *common, "--topology", topo, "--baseline", "centralized", "--out",
-                           str(sweep_dir)], work / "gossip-sweep.log")
-        sweep = json.loads((sweep_dir / "comparison.json").read_text())
-        runs = [brief(s) for s in sweep["runs"]]
-        results["simulate_dpsgd"] = timed | {"ring-20": runs[0], "exponential-20": runs[1]}
-        results["centralized"] = _baseline(sweep["baseline"])
-    out.write_text(json.dumps(results, indent=1))
+    def save() -> None:
+        write_results("gossip", results | provenance(sys.argv))
 
-    if "star" in parts:
-        star_dir = work / "gossip-star"
-        timed = run_timed(["simulate", *common, "--topology", str(TOPOLOGIES / "star-20.toml"), "--algorithm",
-                           "fedavg", "--out", str(star_dir)], work / "gossip-star.log")
-        results["simulate_fedavg_star-20"] = timed | brief(json.loads((star_dir / "summary.json").read_text()))
-        out.write_text(json.dumps(results, indent=1))
+    for part in args.parts.split(","):
+        if part == "headline":
+            headline(args.work, results, args.base_port)
+        elif part == "baselines":
+            baselines(args.work, results)
+        elif part == "ablation":
+            for _ in ablation(args.work, results):
+                save()
+        elif part == "ring":
+            results["ring-20"] = simulate(args.work, "ring-20", RAVDESS, "--fold", "1", "--topology",
+                                          str(TOPOLOGIES / "ring-20.toml"))
+        elif part == "star":
+            results["fedavg-star-20"] = simulate(args.work, "star-20", RAVDESS, "--fold", "1", "--topology",
+                                                 str(TOPOLOGIES / "star-20.toml"), "--algorithm", "fedavg")
+        elif part in ("ravdess-folds", "emodb-folds"):
+            corpus, folds = (RAVDESS, 6) if part == "ravdess-folds" else (EMODB, 5)
+            entry = results.setdefault(part, {"folds": {}})
+            entry["pooled"] = train(args.work, f"{part}-pooled", corpus, "--fold", "all")
+            for k in range(1, folds + 1):
+                entry["folds"][str(k)] = simulate(args.work, f"{part}-{k}", corpus, "--fold", str(k))
+                save()
+            done = [entry["folds"][str(k)] for k in range(1, folds + 1)]
+            entry["ua_mean_over_folds"] = sum(d["ua_mean"] for d in done) / folds
+            entry["gap_points"] = round(100 * (entry["pooled"]["ua"] - entry["ua_mean_over_folds"]), 2)
+        elif part == "ring8":
+            synth = args.work / "synth"
+            if not (synth / "folds.json").exists():
+                import subprocess
 
-    if "launch" in parts:
-        launch_dir = work / "gossip-launch"
-        timed = run_timed(["launch", str(TOPOLOGIES / "exponential-20.toml"), *common, "--quiet", "--base-port",
-                           str(args.base_port), "--out", str(launch_dir)], work / "gossip-launch.log")
-        results["launch_dpsgd_exponential-20"] = timed | brief(json.loads((launch_dir / "summary.json").read_text()))
-    if "budget4x" in parts:
-        # The same comparison with four times the rounds (and so four times the epochs in both arms): does the
-        # gap close with training length, or is it the decentralized schedule itself?
-        budget_dir = work / "exp120"
-        rounds = [a if a != "30" else "120" for a in ROUNDS[:-1]] + ["20"]
-        cmd = ["simulate", str(DATA / "ravdess"), *SVM, *rounds, "--topology", str(TOPOLOGIES / "exponential-20.toml"),
-               "--baseline", "centralized", "--cache-dir", str(work / "cache"), "--out", str(budget_dir)]
-        timed = {"command": "p2pser " + " ".join(cmd) + "  (run folder reused)"}
-        if not (args.reuse and (budget_dir / "comparison.json").exists()):
-            timed = run_timed(cmd, work / "exp120.log")
-        sweep = json.loads((budget_dir / "comparison.json").read_text())
-        run = sweep["runs"][0]
-        results["simulate_dpsgd_exponential-20_120_rounds"] = timed | brief(run) | {
-            "options": " ".join(SVM + rounds), "centralized": _baseline(sweep["baseline"]),
-            "ua_mean_per_round": {int(r): round(v, 4) for r, v in run["ua_mean_per_round"].items()},
-            "gap_points": round(100 * (sweep["baseline"]["ua"] - run["ua_mean"]), 2)}
-    launched, baseline = results["launch_dpsgd_exponential-20"], results["centralized"]
-    results["headline"] = {
-        "launch_exponential20_ua_mean": launched["ua_mean"], "centralized_ua": baseline["ua"],
-        "gap_points": round(100 * (baseline["ua"] - launched["ua_mean"]), 2), "target_points": 2.0,
-    }
-    out.write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
-    print(f"results: {out}")
+                subprocess.run([sys.executable, "-m", "p2pser", "data", "synth", str(synth), "--speakers", "16"],
+                               check=True, stdout=subprocess.DEVNULL)
+            run = simulate(args.work, "ring8", synth, "--topology", str(TOPOLOGIES / "ring-8.toml"),
+                           "--rounds", "20", "--max-seconds", "3")
+            run["ratio_last_to_first"] = run["consensus_distance_last"] / run["consensus_distance_first"]
+            run["ua_spread_points"] = round(100 * (run["ua_max"] - run["ua_min"]), 2)
+            results["ring-8-synthetic"] = run
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+        save()
+        print(part, "done", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ ARMS: dict[str, list[str]] = {
     "rounds60x8": ["--rounds", "60"],
     "lr5e-3": ["--lr", "0.005"],
     "final-mixing": ["--final-mixing", "10"],
+    "rounds60x8-fm10": ["--rounds", "60", "--final-mixing", "10"],
+    "rounds60x8-fm10-lr5e-3": ["--rounds", "60", "--final-mixing", "10", "--lr", "0.005"],
 }
 POOLED = "pooled"  # the reference on the same task: `p2pser train` with its defaults
 

@@ -130,7 +130,7 @@ def test_peer_killed_during_training_resumes_catches_up_and_is_readmitted(tmp_pa
     run.mkdir()
     # Open-ended runs (stopped by the test with SIGTERM), so that on a fast or a slow machine alike the
     # others are still training when the killed peer comes back. The time budget is only a safety net.
-    common = ["--rounds", 100_000, "--local-steps", 6, "--checkpoint-every", 3, "--round-timeout", 5,
+    common = ["--final-mixing", "0", "--rounds", 100_000, "--local-steps", 6, "--checkpoint-every", 3, "--round-timeout", 5,
               "--eval-every", 5, "--time-budget", 240]
     procs = [start_peer(topo, k, synth_corpus, run, cache_dir, *common) for k in range(3)]
     log1 = run / "peer1.log"
@@ -181,7 +181,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_last_good_checkpoint(tmp_path
     folder = run / "peer-000"
     tmp = folder / (CHECKPOINT_NAME + ".tmp")
     # A lone peer (its neighbour never starts) checkpointing every round of a larger model: many writes.
-    common = ["--rounds", 400, "--local-steps", 1, "--checkpoint-every", 1, "--round-timeout", 0.01,
+    common = ["--final-mixing", "0", "--rounds", 400, "--local-steps", 1, "--checkpoint-every", 1, "--round-timeout", 0.01,
               "--startup-timeout", 0.01, "--model", "crnn", "--liveness", "fixed"]
     hit = False
     for attempt in range(6):
@@ -201,7 +201,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_last_good_checkpoint(tmp_path
     assert hit, "no kill landed during a checkpoint write in 6 attempts"
     good = load_checkpoint(folder / CHECKPOINT_NAME)  # the previous checkpoint is intact
     assert good.next_round >= 2  # written before the kill; the one being written when it landed is lost
-    proc = start_peer(topo, 0, synth_corpus, run, cache_dir, *common, "--rounds", good.next_round + 2,
+    proc = start_peer(topo, 0, synth_corpus, run, cache_dir, *common, "--final-mixing", "0", "--rounds", good.next_round + 2,
                       log_name="restart.log")
     assert proc.wait(timeout=300) == 0
     log = (run / "restart.log").read_text()

@@ -71,7 +71,7 @@ ROUND_TIMEOUT = 3600
 # "0" the peer's own id, "evil" an identity that is no peer id at all (the transport reports it as None).
 CONNS = {"1": "1", "7": "7", "0": "0", "evil": "None"}
 PEER_ARGS = ["--model", "svm", "--partition", "iid", "--features", "mfcc", "--max-seconds", "1.5",
-             "--local-steps", "2", "--batch-size", "16", "--rounds", str(ROUNDS), "--liveness", "fixed",
+             "--local-steps", "2", "--batch-size", "16", "--final-mixing", "0", "--rounds", str(ROUNDS), "--liveness", "fixed",
              "--resume", "off", "--round-timeout", str(ROUND_TIMEOUT), "--startup-timeout", str(ROUND_TIMEOUT),
              "--pull-rate", "0"]  # the test pulls after every message: each pull must be answered
 MAX_AGE = ROUNDS * 2  # --rounds x --local-steps: no honest neighbour's model is older

@@ -72,7 +72,7 @@ def topology_file(tmp_path: Path, kind: str, n: int) -> Path:
 def test_four_peers_converge_and_learn(tmp_path, corpus, cache_dir):
     topo = topology_file(tmp_path, "ring", 4)
     run = tmp_path / "run"
-    result = p2pser("launch", topo, corpus, "--out", run, "--rounds", 14, "--cache-dir", cache_dir, "--quiet",
+    result = p2pser("launch", topo, corpus, "--out", run, "--final-mixing", "0", "--rounds", 14, "--cache-dir", cache_dir, "--quiet",
                     *FAST, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -90,7 +90,7 @@ def test_four_peers_converge_and_learn(tmp_path, corpus, cache_dir):
 
     # The simulator runs the same peer code: with the same seed and options it must tell the same story.
     sim = tmp_path / "sim"
-    result = p2pser("simulate", corpus, "--topology", topo, "--out", sim, "--rounds", 14, "--cache-dir", cache_dir,
+    result = p2pser("simulate", corpus, "--topology", topo, "--out", sim, "--final-mixing", "0", "--rounds", 14, "--cache-dir", cache_dir,
                     *FAST, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     simulated = json.loads((sim / "summary.json").read_text())
@@ -132,7 +132,7 @@ def lone_peer(tmp_path_factory, corpus, cache_dir):
     outbound.connect(t.endpoint(0))
     run = tmp / "run"
     run.mkdir()
-    proc = _start_peer(topo, 0, corpus, run, cache_dir, "--rounds", ROUNDS_LONE, "--round-timeout", 1,
+    proc = _start_peer(topo, 0, corpus, run, cache_dir, "--final-mixing", "0", "--rounds", ROUNDS_LONE, "--round-timeout", 1,
                        "--startup-timeout", 2)
     received: list[list[bytes]] = []
     garbage = [

@@ -154,7 +154,7 @@ CRASH = MIN_WINDOW + 2  # deadlines adapt from round MIN_WINDOW + 1 on
 def test_simulated_crash_costs_its_neighbours_a_few_rounds_not_the_round_timeout(synth_corpus, cache, tmp_path):
     lost = {}
     for mode in ("fixed", "adaptive"):
-        metrics = _simulate(synth_corpus, cache, tmp_path / mode, "--rounds", CRASH + 3, "--churn", f"2@{CRASH}-",
+        metrics = _simulate(synth_corpus, cache, tmp_path / mode, "--final-mixing", "0", "--rounds", CRASH + 3, "--churn", f"2@{CRASH}-",
                             "--liveness", mode)
         for k in (1, 3):  # the dead peer's neighbours: one wait for it, then they go on without it
             assert [r["heard"] for r in metrics[k]] == [2] * (CRASH + 1) + [1] * 2
@@ -170,7 +170,7 @@ def test_a_straggler_is_waited_for_not_dropped(synth_corpus, cache, tmp_path):
     deadlines settle far below round_timeout, and the run is the very same as with fixed deadlines."""
     runs = {}
     for mode in ("fixed", "adaptive"):
-        runs[mode] = _simulate(synth_corpus, cache, tmp_path / mode, "--rounds", MIN_WINDOW + 3, "--stragglers", 0.25,
+        runs[mode] = _simulate(synth_corpus, cache, tmp_path / mode, "--final-mixing", "0", "--rounds", MIN_WINDOW + 3, "--stragglers", 0.25,
                                "--straggler-factor", 20, "--liveness", mode)
     adaptive = runs["adaptive"]
     assert all(r["heard"] == 2 for rows in adaptive.values() for r in rows)  # nobody ever dropped
@@ -197,7 +197,7 @@ def test_a_killed_peer_is_dropped_after_a_few_round_times_by_real_peers(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     rounds = CRASH + 3
-    procs = [_start_peer(topo, k, synth_corpus, run, cache, "--rounds", rounds, "--round-timeout", timeout,
+    procs = [_start_peer(topo, k, synth_corpus, run, cache, "--final-mixing", "0", "--rounds", rounds, "--round-timeout", timeout,
                          "--eval-every", 4) for k in range(4)]
     try:
         deadline = time.monotonic() + 180

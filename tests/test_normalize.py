@@ -55,7 +55,7 @@ def test_moments_give_the_statistics_that_fit_computes():
 @pytest.mark.parametrize("kind", ["ring", "exponential", "star"])
 def test_gossiped_statistics_agree_with_the_pooled_statistics(tmp_path, kind):
     cfg = RunConfig(model="svm", rounds=2, local_steps=2, batch_size=8, checkpoint_every=0, normalizer="global",
-                    stats_tolerance=1e-5)
+                    stats_tolerance=1e-5, final_mixing=0)
     topology = make_topology(kind, 7)
     peers = make_peers(cfg, topology)
     raw = [p.learner.data.raw for p in peers]  # each peer's own training rows, before agreeing
@@ -99,7 +99,7 @@ def test_every_mode_through_train_and_simulate(synth_corpus, tmp_path, mode):
     assert train.returncode == 0, train.stderr[-2000:]
     assert json.loads((tmp_path / "train" / "summary.json").read_text())["normalizer"] == mode
     sim = subprocess.run([sys.executable, "-m", "p2pser", "simulate", str(synth_corpus), "--model", "svm",
-                          "--rounds", "3", "--local-steps", "2", "--normalizer", mode, *common,
+                          "--final-mixing", "0", "--rounds", "3", "--local-steps", "2", "--normalizer", mode, *common,
                           "--out", str(tmp_path / "sim")], check=False, capture_output=True, text=True, timeout=600)
     assert sim.returncode == 0, sim.stderr[-2000:]
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())

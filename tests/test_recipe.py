@@ -17,7 +17,7 @@ from p2pser.exchange.checkpoint import CHECKPOINT_NAME, Checkpointer, save_check
 from p2pser.exchange.codec import Decoder, encode
 from p2pser.exchange.topology import make_topology
 
-BASE = RunConfig(model="svm", rounds=4, local_steps=3, batch_size=8, eval_every=2, checkpoint_every=0)
+BASE = RunConfig(model="svm", rounds=4, local_steps=3, batch_size=8, eval_every=2, checkpoint_every=0, final_mixing=0)
 
 
 def simulate(tmp_path, cfg: RunConfig, topology=None):

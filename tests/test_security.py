@@ -148,7 +148,7 @@ def test_unlisted_key_and_plain_text_peer_cannot_deliver_a_model(tmp_path, synth
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "p2pser", "peer", str(synth_corpus), "--topology", str(topo_path), "--id", "0",
-             "--out", str(run), "--security", "on", "--keys", str(keys), "--rounds", "10", "--round-timeout", "1",
+             "--out", str(run), "--security", "on", "--keys", str(keys), "--final-mixing", "0", "--rounds", "10", "--round-timeout", "1",
              "--startup-timeout", "2", "--cache-dir", str(tmp_path / "cache"), *FAST],
             stdout=log, stderr=subprocess.STDOUT)
     legit = ZmqTransport(1, topo.endpoint(1), {0: topo.endpoint(0)},

@@ -25,7 +25,7 @@ N = 8
 def setup(tmp_path_factory):
     corpus = tmp_path_factory.mktemp("synth")
     synthesize_corpus(corpus, speakers=6, per_emotion=6, seed=5)
-    cfg = RunConfig(model="svm", features="mfcc", max_seconds=1.5, partition="dirichlet", alpha=0.3, rounds=12,
+    cfg = RunConfig(model="svm", features="mfcc", max_seconds=1.5, partition="dirichlet", alpha=0.3, rounds=12, final_mixing=0,
                     local_steps=4,
                     cache_dir=str(tmp_path_factory.mktemp("cache")), eval_every=4)
     plan = make_plan(corpus, cfg, N)
@@ -129,7 +129,7 @@ def test_stragglers_slow_the_virtual_clock_not_the_result(setup, tmp_path):
 @pytest.mark.slow
 def test_cli_sweep_writes_comparison_and_rejects_bad_faults(setup, tmp_path, capsys):
     corpus, cfg, *_ = setup
-    common = [str(corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--rounds", "4",
+    common = [str(corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--final-mixing", "0", "--rounds", "4",
               "--local-steps", "2",
               "--cache-dir", cfg.cache_dir, "--peers", "4", "--partition", "iid"]
     assert main(["simulate", *common, "--topology", "ring,complete", "--algorithm", "dpsgd,gossip",
@@ -209,9 +209,9 @@ def test_fewer_peers_than_training_speakers_gives_sites_of_several_speakers(tmp_
     corpus = tmp_path / "synth16"
     synthesize_corpus(corpus, speakers=16, per_emotion=1, seed=2)
     ring8 = Path(__file__).resolve().parents[1] / "topologies" / "ring-8.toml"
-    cfg = RunConfig(model="svm", features="mfcc", max_seconds=1.5, rounds=3, local_steps=2, eval_every=3,
+    cfg = RunConfig(model="svm", features="mfcc", max_seconds=1.5, rounds=3, local_steps=2, eval_every=3, final_mixing=0,
                     cache_dir=str(tmp_path / "cache"))
-    common = [str(corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--rounds", "3",
+    common = [str(corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--final-mixing", "0", "--rounds", "3",
               "--local-steps", "2", "--eval-every", "3", "--cache-dir", cfg.cache_dir]
     assert main(["simulate", *common, "--topology", str(ring8), "--out", str(tmp_path / "run")]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -106,7 +106,7 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
     # before, so its neighbours are still there to catch up with however fast the machine.
     first = tmp_path / "first.log"
     proc = launcher(["p2pser", "launch-hosts", str(hosts), str(topo), str(data), "--out", str(run), "--keys",
-                     str(keys), "--rounds", str(ROUNDS), "--liveness", "fixed", "--round-timeout", "60",
+                     str(keys), "--final-mixing", "0", "--rounds", str(ROUNDS), "--liveness", "fixed", "--round-timeout", "60",
                      "--startup-timeout", "60", "--restart", "1", "--checkpoint-every", "2", "--cache-dir",
                      str(feature_cache), *FAST], first)
     try:

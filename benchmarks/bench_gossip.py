@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gossip-work"))
     parser.add_argument("--base-port", type=int, default=47300)
     args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "gossip.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results = {k: v for k, v in results.items() if k not in ("machine", "options", "date")}  # older format

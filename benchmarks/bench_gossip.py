@@ -113,14 +113,15 @@ def main() -> None:
     parser.add_argument("--parts", default="headline,baselines,ablation,ring,star,ring8")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gossip-work"))
     parser.add_argument("--base-port", type=int, default=47300)
+    parser.add_argument("--name", default="gossip", help="results file name (parallel runs write apart)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "gossip.json"
+    out = RESULTS / f"{args.name}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results = {k: v for k, v in results.items() if k not in ("machine", "options", "date")}  # older format
 
     def save() -> None:
-        write_results("gossip", results | provenance(sys.argv))
+        write_results(args.name, results | provenance(sys.argv))
 
     for part in args.parts.split(","):
         if part == "headline":

@@ -91,7 +91,7 @@ def baselines(work: Path, results: dict) -> None:
     }
 
 
-def ablation(work: Path, results: dict) -> None:
+def ablation(work: Path, results: dict, only: list[str] | None = None) -> None:
     topo = ["--topology", str(TOPOLOGIES / "exponential-20.toml"), "--fold", "1"]
     arms = {
         "defaults": [],
@@ -103,6 +103,8 @@ def ablation(work: Path, results: dict) -> None:
     }
     results.setdefault("ablation", {})
     for name, options in arms.items():
+        if only and name not in only:
+            continue
         results["ablation"][name] = simulate(work, "ablation-" + name.replace(" ", "-").replace(",", ""),
                                              RAVDESS, *topo, *options) | {"options": " ".join(options)}
         yield
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gossip-work"))
     parser.add_argument("--base-port", type=int, default=47300)
     parser.add_argument("--name", default="gossip", help="results file name (parallel runs write apart)")
+    parser.add_argument("--ablation-arms", default=None, help="';'-separated subset of the ablation's arms")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.name}.json"
@@ -129,7 +132,8 @@ def main() -> None:
         elif part == "baselines":
             baselines(args.work, results)
         elif part == "ablation":
-            for _ in ablation(args.work, results):
+            only = args.ablation_arms.split(";") if args.ablation_arms else None
+            for _ in ablation(args.work, results, only):
                 save()
         elif part == "ring":
             results["ring-20"] = simulate(args.work, "ring-20", RAVDESS, "--fold", "1", "--topology",

@@ -38,6 +38,7 @@ ARMS: dict[str, list[str]] = {
     "final-mixing": ["--final-mixing", "10"],
     "rounds60x8-fm10": ["--rounds", "60", "--final-mixing", "10"],
     "rounds60x8-fm10-lr5e-3": ["--rounds", "60", "--final-mixing", "10", "--lr", "0.005"],
+    "rounds120x8-fm10": ["--rounds", "120", "--final-mixing", "10"],
 }
 POOLED = "pooled"  # the reference on the same task: `p2pser train` with its defaults
 

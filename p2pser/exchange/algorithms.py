@@ -344,6 +344,11 @@ def start(peer: Peer, start_round: int = 0, *, resumed: bool = False, **placemen
     ``resumed`` (restarted from a checkpoint) catches up with the neighbours first. A fresh start with
     ``normalizer = "global"`` first agrees on the normalisation statistics (``agree_statistics``)."""
     if resumed and start_round < schedule_length(peer.config):
+        if peer.config.normalizer == "global" and getattr(peer.learner, "data", None) is not None \
+                and peer.learner.data.raw is not None:
+            # Its neighbours finished agreeing long ago and will not agree again.
+            log.warning("peer %d: resumed from a checkpoint made before the normalisation statistics were agreed; "
+                        "it goes on with its own statistics", peer.id)
         return _resumed(peer, start_round, placement)
     if peer.config.normalizer == "global" and not resumed and start_round == 0:
         return _after_statistics(peer, placement)

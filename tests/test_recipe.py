@@ -107,3 +107,24 @@ def test_quasi_global_momentum_follows_the_averaged_model(tmp_path):
     for name in mixed:
         np.testing.assert_allclose(buffer[name], 0.2 * (start[name] - mixed[name]) / size, rtol=1e-5, atol=1e-7)
 
+
+
+@pytest.mark.slow
+def test_the_recipe_options_reach_the_peers_through_the_cli(synth_corpus, tmp_path):
+    from p2pser.cli import main
+
+    common = ["simulate", str(synth_corpus), "--model", "svm", "--max-seconds", "1.5", "--partition", "iid",
+              "--peers", "4", "--topology", "ring", "--rounds", "3", "--local-steps", "2", "--eval-every", "3",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--final-mixing", "0", "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--algorithm", "kgt", "--final-mixing", "4", "--optimizer-state", "quasi-global",
+                 "--momentum", "0.8", "--out", str(tmp_path / "kgt")]) == 0
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    kgt = json.loads((tmp_path / "kgt" / "summary.json").read_text())
+    assert (plain["rounds"], kgt["rounds"]) == (3, 3 + 4)  # the final averaging rounds ran
+    assert kgt["algorithm"] == "kgt" and kgt["bytes_sent_max_peer"] > 2 * plain["bytes_sent_max_peer"]
+    assert kgt["consensus_distance_last"] < plain["consensus_distance_last"]
+    rows = [json.loads(line) for line in (tmp_path / "kgt" / "peer-000" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in rows] == [False] * 3 + [True] * 4
+    with pytest.raises(SystemExit):
+        main([*common, "--optimizer-state", "sometimes", "--out", str(tmp_path / "bad")])

@@ -68,7 +68,7 @@ def test_slurm_script_runs_one_peer_per_task_under_a_faked_srun(tmp_path, synth_
     env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NTASKS="2",
                SLURM_JOB_NODELIST="localhost", SLURM_TASKS_PER_NODE="2", DATA=str(synth_corpus), RUN=str(run),
                KIND="ring", BASE_PORT=str(free_base_port(2)), PYTHON=sys.executable)
-    result = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--security", "on", "--final-mixing", "0", "--rounds", "4",
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--security", "on", "--final-mixing", "0", "--eval-every", "1", "--rounds", "4",
                              "--cache-dir", str(feature_cache), *FAST], env=env, capture_output=True, text=True,
                             timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -134,7 +134,7 @@ def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(
     with open(tmp_path / "launcher.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "p2pser", "launch-hosts", str(hosts), str(topo_path), str(synth_corpus), "--out",
-             str(run), "--keys", str(keys), "--final-mixing", "0", "--rounds", str(rounds), "--round-timeout", "10", "--cache-dir",
+             str(run), "--keys", str(keys), "--final-mixing", "0", "--eval-every", "1", "--rounds", str(rounds), "--round-timeout", "10", "--cache-dir",
              str(feature_cache), *FAST], stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait(lambda: min(len(_rows(m)) for m in metrics.values()) >= 4, LIMIT_S, "every peer has done 4 rounds",

@@ -107,7 +107,7 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
     # waiting for it and finish), so its neighbours are still there to catch up with.
     first = tmp_path / "first.log"
     proc = launcher(["p2pser", "launch-hosts", str(hosts), str(topo), str(data), "--out", str(run), "--keys",
-                     str(keys), "--final-mixing", "0", "--rounds", str(ROUNDS), "--liveness", "fixed", "--round-timeout", "300",
+                     str(keys), "--final-mixing", "0", "--eval-every", "1", "--rounds", str(ROUNDS), "--liveness", "fixed", "--round-timeout", "300",
                      "--startup-timeout", "300", "--restart", "1", "--checkpoint-every", "2", "--cache-dir",
                      str(feature_cache), *FAST], first)
     try:

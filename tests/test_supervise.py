@@ -192,7 +192,7 @@ def _common(feature_cache: Path) -> list:
 @pytest.mark.slow
 def test_a_sigkilled_peer_fails_the_launch_by_its_id(tmp_path, synth_corpus, feature_cache):
     topo, run = topology_file(tmp_path, "ring", 3), tmp_path / "run"
-    proc = _launch(topo, synth_corpus, "--final-mixing", "0", "--rounds", 8, "--round-timeout", 5, *_common(feature_cache), out=run)
+    proc = _launch(topo, synth_corpus, "--final-mixing", "0", "--eval-every", "1", "--rounds", 8, "--round-timeout", 5, *_common(feature_cache), out=run)
     try:
         wait_for(lambda: len(_rows(run, 1)) >= 2, proc, "peer 1 trained 2 rounds")
         _kill_peer(run, 1)
@@ -216,7 +216,7 @@ def test_with_restart_a_sigkilled_peer_comes_back_and_finishes_with_its_neighbou
     topo, run, rounds = topology_file(tmp_path, "ring", 3), tmp_path / "run", 12
     # Its neighbours wait for its model up to a minute (fixed liveness): it is back long before, however fast
     # the others could have run on without it.
-    proc = _launch(topo, synth_corpus, "--final-mixing", "0", "--rounds", rounds, "--restart", 1, *_common(feature_cache), "--liveness",
+    proc = _launch(topo, synth_corpus, "--final-mixing", "0", "--eval-every", "1", "--rounds", rounds, "--restart", 1, *_common(feature_cache), "--liveness",
                    "fixed", "--round-timeout", 60, out=run)
     try:
         wait_for(lambda: len(_rows(run, 1)) >= 3, proc, "peer 1 trained 3 rounds")
@@ -244,7 +244,7 @@ def test_with_restart_a_sigkilled_peer_comes_back_and_finishes_with_its_neighbou
 def test_a_launch_stopped_with_ctrl_c_continues_to_the_rounds_of_an_uninterrupted_one(tmp_path, synth_corpus,
                                                                                     feature_cache, capsys):
     topo, run, rounds = topology_file(tmp_path, "ring", 3), tmp_path / "run", 12
-    proc = _launch(topo, synth_corpus, "--final-mixing", "0", "--rounds", rounds, "--round-timeout", 5, *_common(feature_cache), out=run)
+    proc = _launch(topo, synth_corpus, "--final-mixing", "0", "--eval-every", "1", "--rounds", rounds, "--round-timeout", 5, *_common(feature_cache), out=run)
     try:
         wait_for(lambda: min(len(_rows(run, k)) for k in range(3)) >= 3, proc, "every peer trained 3 rounds")
         proc.send_signal(signal.SIGINT)

@@ -76,9 +76,12 @@ def headline(work: Path, results: dict, base_port: int) -> None:
 
 def baselines(work: Path, results: dict) -> None:
     from p2pser.config import RunConfig
+    from p2pser.partition.experiment import make_plan
 
     cfg = RunConfig()
-    peers, training_utterances = 20, 1200 * (1 - cfg.val_fraction)  # fold 1: 20 actors x 60, less validation
+    plan = make_plan(RAVDESS, cfg)  # fold 1, one peer per training actor: what the headline's peers hold
+    peers = plan.n_peers
+    training_utterances = sum(len(p) for p in plan.peers) * (1 - cfg.val_fraction)
     batch = peers * cfg.batch_size
     steps = cfg.rounds * cfg.local_steps
     epochs = max(1, round(steps / max(1, int(training_utterances // batch))))

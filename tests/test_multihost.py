@@ -122,8 +122,10 @@ def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(
     hosts.write_text(f'[defaults]\nshell = "ip netns exec {{name}} sh -c"\npython = "{sys.executable}"\n' + "".join(
         f'[[hosts]]\nname = "{bed}-h{k}"\naddress = "10.231.0.{k + 1}"\nworkdir = "{tmp_path}/host{k}"\n'
         for k in range(3)))
-    # Enough rounds that the peers still run well after the cable is back, however fast the machine: host 2,
-    # waiting for nobody while cut off, runs ahead of the others.
+    # Fixed liveness: while the cable is out every peer waits the whole round timeout for the one it cannot
+    # hear, so the cut costs each side at least 10 s a round however fast the machine is, and the peers are still
+    # far from their last round when the cable is back (with adaptive liveness, hosts 0 and 1 soon stop waiting
+    # for host 2 and could finish every round before the heal).
     run, rounds = tmp_path / "run", 40
     metrics = {k: tmp_path / f"host{k}" / "run" / f"peer-{k:03d}" / "metrics.jsonl" for k in range(3)}
 
@@ -134,7 +136,8 @@ def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(
     with open(tmp_path / "launcher.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "p2pser", "launch-hosts", str(hosts), str(topo_path), str(synth_corpus), "--out",
-             str(run), "--keys", str(keys), "--final-mixing", "0", "--eval-every", "1", "--rounds", str(rounds), "--round-timeout", "10", "--cache-dir",
+             str(run), "--keys", str(keys), "--final-mixing", "0", "--eval-every", "1", "--rounds", str(rounds), "--liveness", "fixed",
+             "--round-timeout", "10", "--cache-dir",
              str(feature_cache), *FAST], stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait(lambda: min(len(_rows(m)) for m in metrics.values()) >= 4, LIMIT_S, "every peer has done 4 rounds",

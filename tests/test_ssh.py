@@ -116,6 +116,9 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
         # Peer 0's SSH session is lost (its local ssh dies): the peer itself runs on, unseen. The supervisor
         # restarts it, and the new life first stops the one left running.
         orphan = int((remote[0] / "peer-0.pid").read_text())
+        # Suspended first: left running, the orphan and its neighbours could finish every round before the new
+        # life stops it. Suspended, it holds its neighbours (fixed liveness) and must still be stopped cleanly.
+        os.kill(orphan, signal.SIGSTOP)
         os.kill(_ssh_client(proc.pid, "--id 0 "), signal.SIGKILL)
 
         def replaced() -> bool:
@@ -124,6 +127,9 @@ def test_launch_hosts_over_ssh_stops_on_ctrl_c_continues_and_restarts_a_killed_p
 
         wait_for(replaced, proc, "peer 0 was restarted on host 0")
         assert not _alive(orphan)
+        # Peer 2 suspended holds the others within a round of it, so no peer finishes before the Ctrl-C reaches
+        # it, however fast the machine; the launcher's stop wakes it (SIGCONT) to save and end.
+        os.kill(int((remote[2] / "peer-2.pid").read_text()), signal.SIGSTOP)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=180) == 130, first.read_text()[-3000:]
     finally:

@@ -167,13 +167,14 @@ def _peer_script(host: Host, remote: str, data_dir: str, k: int, keys: str | Non
     if host.bind is not None:
         args += ["--bind-host", host.bind]
     # A peer of an earlier session may still run (its connection was lost, not the peer): stop it, so that
-    # two lives of a peer never share a port. Then the peer runs in the background with its pid in a file
+    # two lives of a peer never share a port (SIGCONT after SIGTERM: a suspended peer must wake to act on it,
+    # as systemd does). Then the peer runs in the background with its pid in a file
     # (the launcher stops it through that file: a remote shell need not forward signals), and the shell
     # waits for it and exits with its status, 128+N if signal N killed it.
     return (f"cd {q(remote)} || exit 1\n"
             f"{_live_peer(_pid_file(remote, k))}\n"
             f'if [ -n "$pid" ]; then echo "p2pser: peer {k} of an earlier session still runs (pid $pid): stopping it" >&2; '
-            f'kill -TERM "$pid"; i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done; '
+            f'kill -TERM "$pid"; kill -CONT "$pid" 2>/dev/null; i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done; '
             f'kill -KILL "$pid" 2>/dev/null; fi\n'
             f"OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 {shlex.join(args)} &\n"
             f"echo $! > {q(_pid_file(remote, k))}\n"
@@ -197,7 +198,8 @@ class RemotePeer:
             raise UserError(f"host {self.host.name}: remote shell {self.host.shell!r} not found: {exc.filename}") from None
 
     def stop(self) -> None:
-        _run_on(self.host, f'{_live_peer(_pid_file(self.remote, self.peer))}; [ -z "$pid" ] || kill -TERM "$pid"',
+        wake = 'kill -CONT "$pid"'  # after SIGTERM: a suspended peer must wake to save and end
+        _run_on(self.host, f'{_live_peer(_pid_file(self.remote, self.peer))}; [ -z "$pid" ] || {{ kill -TERM "$pid"; {wake}; }}',
                 timeout=20)
 
     def last_error(self) -> str:

@@ -124,6 +124,7 @@ class LocalPeer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGCONT)  # a suspended peer (Ctrl-Z, SIGSTOP) must wake to save and end
 
     def last_error(self) -> str:
         return last_error(self.folder)
@@ -413,6 +414,7 @@ def stop_leftovers(out: Path, peers: Sequence[int]) -> None:
         print(f"peer {k} is still running from an earlier session (pid {pid}): stopping it first", file=sys.stderr)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)  # wake it if suspended, or it never acts on SIGTERM
         deadline = time.monotonic() + STOP_S
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +295,46 @@ def test_curve_encrypts_and_admits_only_listed_keys() -> None:
     finally:
         for t in (a, b, intruder, plain):
             t.close()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_signal_taken_by_another_thread_ends_a_long_wait_at_once():
+    """The kernel may give SIGTERM to any thread (ZAP, the handshake monitor); Python then only sets a flag.
+    A peer waiting minutes for a neighbour must still stop at once: the wait returns and the handler runs in
+    the main thread. The signal is aimed at a helper thread on purpose (pthread_kill), once the main thread
+    sleeps in the poll; the wait ends without its 10 minutes passing."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise _Stopped
+
+    main = threading.main_thread()
+
+    def waiting() -> bool:  # the main thread is asleep inside the poll (not about to enter it)
+        frame = sys._current_frames().get(main.ident)
+        state = Path(f"/proc/self/task/{main.native_id}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return frame is not None and frame.f_code.co_name == "poll" and state == "S"
+
+    def signal_self_once_main_waits() -> None:
+        while not waiting():
+            time.sleep(0.01)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    t = ZmqTransport(0, "tcp://127.0.0.1:0", {})
+    try:
+        helper = threading.Thread(target=signal_self_once_main_waits)
+        start = time.monotonic()
+        with pytest.raises(_Stopped):
+            helper.start()
+            while True:  # as the real-time runner does: wait again until the round's deadline
+                t.recv(600.0)
+        assert time.monotonic() - start < 300
+        helper.join()
+    finally:
+        t.close()
+        signal.signal(signal.SIGUSR1, previous)

@@ -15,10 +15,13 @@ the listed public keys may connect, and the id comes from the authenticated key.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
 import random
+import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -131,6 +134,32 @@ class _PeerAuthenticator(zmq.auth.thread.ThreadAuthenticator):
         self._send_zap_reply(request_id, b"400", b"refused")
 
 
+_wakeup_pair: tuple[socket.socket, socket.socket] | None = None
+
+
+def _signal_wakeup() -> socket.socket | None:
+    """A socket that becomes readable when the process gets a signal (None outside the main thread).
+
+    The kernel may hand SIGTERM or SIGINT to any thread (ZAP, the handshake monitor, ...); Python's handler
+    then only sets a flag, and a main thread blocked in a poll would not notice until the poll timed out:
+    minutes, with a long round timeout. Python writes a byte to its wake-up fd whichever thread took the
+    signal, so a poll that includes it returns at once and the handler (KeyboardInterrupt: the peer saves
+    and stops) runs in the main thread. One pair for the process, kept to its end."""
+    global _wakeup_pair
+    if _wakeup_pair is None and threading.current_thread() is threading.main_thread():
+        read, write = socket.socketpair()
+        read.setblocking(False)
+        write.setblocking(False)
+        previous = signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+        if previous != -1:  # someone else's (an event loop): leave it to them
+            signal.set_wakeup_fd(previous)
+            read.close()
+            write.close()
+            return None
+        _wakeup_pair = (read, write)
+    return None if _wakeup_pair is None else _wakeup_pair[0]
+
+
 class ZmqTransport:
     """A peer's sockets. ``bind_endpoint`` may use port ``*`` (or 0) to pick a free port; see ``endpoint``.
 
@@ -170,6 +199,7 @@ class ZmqTransport:
         self._auth: _PeerAuthenticator | None = None
         self._closed = False
         self._monitor_thread: threading.Thread | None = None
+        self._poller: zmq.Poller | None = None
         self._router = self._ctx.socket(zmq.ROUTER)
         try:
             self._router.setsockopt(zmq.LINGER, linger_ms)
@@ -282,7 +312,18 @@ class ZmqTransport:
         peer id (or, with CurveZMQ, the key is not a listed peer's).
         """
         poll_ms = None if timeout is None else max(0, int(timeout * 1000))
-        if not self._router.poll(poll_ms, zmq.POLLIN):
+        if self._poller is None:
+            self._poller = zmq.Poller()
+            self._poller.register(self._router, zmq.POLLIN)
+            wakeup = _signal_wakeup()
+            if wakeup is not None:
+                self._poller.register(wakeup, zmq.POLLIN)
+        ready = dict(self._poller.poll(poll_ms))
+        if self._router not in ready:
+            if ready and _wakeup_pair is not None:  # a signal: the caller's next line of Python runs its handler
+                with contextlib.suppress(BlockingIOError):
+                    while _wakeup_pair[0].recv(512):
+                        pass
             return None
         identity, *frames = self._router.recv_multipart(copy=False)
         self.messages_received += 1

@@ -20,7 +20,7 @@ from typing import Any
 
 from p2pser.errors import UserError
 
-ALGORITHMS = ("dpsgd", "kgt", "gossip", "fedavg")  # the registry in p2pser.exchange.algorithms, by name
+ALGORITHMS = ("dpsgd", "kgt", "gossip", "fedavg", "bagging")  # the registry in p2pser.exchange.algorithms
 PARTITIONS = ("speaker", "dirichlet", "iid")
 SECURITY = ("auto", "on", "off")
 RESUME = ("auto", "off")
@@ -28,7 +28,11 @@ LIVENESS = ("adaptive", "fixed")
 PEER_ADDRESS = ("strict", "key-only")
 MIXINGS = ("average", "clipped", "trimmed")
 ATTACKS = ("none", "sign-flip", "scale", "random")
-MODELS = ("svm", "cnn1d-shallow", "cnn1d", "cnn2d", "crnn")  # the registry in p2pser.learn.models, by name
+MODELS = ("svm", "cnn1d-shallow", "cnn1d", "cnn2d", "crnn", "mlp", "xgb")  # p2pser.learn.models + ENSEMBLE_MODELS
+# Models that are not averaged but learn by exchanging whole ensembles (p2pser.learn.bagging), and the one
+# algorithm that exchanges them.
+ENSEMBLE_MODELS = ("xgb",)
+ENSEMBLE_ALGORITHM = "bagging"
 OPTIMIZERS = ("adamw", "sgd")
 NORMALIZERS = ("speaker", "global", "local")
 OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
@@ -142,6 +146,10 @@ class RunConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"config key '{name}' must not be negative, got {getattr(self, name)}")
         check_model_name(self.model)  # before any audio is read: a typo costs no feature extraction
+        if (self.model in ENSEMBLE_MODELS) != (self.algorithm == ENSEMBLE_ALGORITHM):
+            raise UserError(f"config keys 'model' and 'algorithm': {self.model!r} with {self.algorithm!r}; tree "
+                            f"ensembles ({', '.join(ENSEMBLE_MODELS)}) learn with --algorithm {ENSEMBLE_ALGORITHM}, "
+                            "and only they do")
         self.attacker_ids()  # a malformed list fails on load, not in the middle of a run
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise UserError(f"config key 'optimizer': {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")

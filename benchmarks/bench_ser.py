@@ -143,7 +143,27 @@ def speed(args) -> None:
                      "warm_audio_s_per_cpu_s": round(s["audio_seconds_extracted"] / max(warm.stats["cpu_seconds"], 1e-3), 1),
                      "load_avg": round(os.getloadavg()[0], 1)})
         print(json.dumps(rows[-1]), flush=True)
-    write_results("ser-speed", {"corpus": "emodb", "every_nth_file": args.step, "kinds": rows} | provenance(sys.argv))
+    write_results("ser-speed", {"corpus": "emodb", "every_nth_file": args.step, "kinds": rows,
+                                "pyin": _pyin_speed(utterances[:8])} | provenance(sys.argv))
+
+
+def _pyin_speed(utterances) -> dict:
+    """librosa's pyin, the other pitch tracker considered for ``pitch``: seconds of audio per CPU-second."""
+    import librosa
+
+    from p2pser.audio.decode import load_audio, read_file
+
+    spec = FeatureSpec(kind="pitch")
+    audio = 0.0
+    t0 = time.process_time()
+    for u in utterances:
+        y, seconds, _ = load_audio(read_file(str(u.path)), sample_rate=spec.sample_rate, trim_db=spec.trim_db,
+                                   trim_block=spec.hop_length, min_samples=spec.n_fft, normalize=spec.normalize)
+        librosa.pyin(y, fmin=60, fmax=600, sr=spec.sample_rate, frame_length=1024, hop_length=spec.hop_length)
+        audio += seconds
+    cpu = time.process_time() - t0
+    return {"files": len(utterances), "audio_s": round(audio, 1), "cpu_s": round(cpu, 1),
+            "audio_s_per_cpu_s": round(audio / cpu, 2)}
 
 
 def main() -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_features import manifest_utterances
 
 from p2pser.audio.synth import synthesize_corpus
 from p2pser.errors import UserError
 from p2pser.features.extract import extract_features
 from p2pser.features.spec import FeatureSpec
-from test_features import manifest_utterances
 
 # kind -> (channels, level)
 OPENSMILE_KINDS = {"egemaps": (88, "utterance"), "compare": (6373, "utterance"), "egemaps-lld": (25, "frame"),

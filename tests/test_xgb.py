@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from test_launch import N_CLASSES, p2pser, topology_file
 
 from p2pser.config import RunConfig
 from p2pser.errors import UserError
@@ -16,7 +16,6 @@ from p2pser.learn import trees
 from p2pser.learn.bagging import BaggingLearner
 from p2pser.learn.data import PeerData
 from p2pser.learn.tasks import CLASSIFICATION
-from test_launch import N_CLASSES, p2pser, topology_file
 
 XGB = ["--model", "xgb", "--algorithm", "bagging", "--features", "mfcc", "--max-seconds", "1.5",
        "--partition", "iid", "--local-steps", "10"]

@@ -98,8 +98,8 @@ def run_cases(data_dir: str | Path, cases: list[Case], out_dir: str | Path) -> l
 def run_baseline(data_dir: str | Path, cfg: RunConfig, n_peers: int, out_dir: Path) -> dict:
     """The pooled-data model with the same model, features and epoch budget as the ``n_peers`` peers."""
     from p2pser.config import ENSEMBLE_MODELS, train_config
-    from p2pser.learn.trees import XGB_TREES
     from p2pser.experiments.centralized import train_centralized
+    from p2pser.learn.trees import XGB_TREES
     from p2pser.partition.experiment import feature_spec
 
     plan = make_plan(data_dir, cfg, n_peers)

@@ -20,7 +20,6 @@ malformed ensemble is rejected with a reason and never reaches xgboost's parser 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

@@ -153,3 +153,15 @@ def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus):
             assert sorted(saved["index"][:, 0].tolist()) == [0, 1]
             raw = saved["ensembles"][: saved["index"][0, 3]]
             trees.from_wire(raw, n_features=240, n_classes=N_CLASSES)  # mfcc mean + std: 2 x 120 channels
+
+
+def test_mlp_reads_one_vector_per_utterance_or_frame_statistics():
+    import torch
+
+    from p2pser.learn.models import build_model
+
+    vectors = build_model("mlp", 88, 1, 7, seed=0)
+    assert vectors(torch.randn(4, 88, 1)).shape == (4, 7)
+    assert vectors.features[1].in_features == 88  # the functionals themselves, no time statistics
+    frames = build_model("mlp", 40, 100, 7, seed=0)
+    assert frames(torch.randn(4, 40, 100)).shape == (4, 7) and frames.features[1].in_features == 80

@@ -144,7 +144,7 @@ def speed(args) -> None:
                      "load_avg": round(os.getloadavg()[0], 1)})
         print(json.dumps(rows[-1]), flush=True)
     write_results("ser-speed", {"corpus": "emodb", "every_nth_file": args.step, "kinds": rows,
-                                "pyin": _pyin_speed(utterances[:8])} | provenance(sys.argv))
+                                "pyin": _pyin_speed(utterances[:3])} | provenance(sys.argv))
 
 
 def _pyin_speed(utterances) -> dict:

@@ -17,6 +17,7 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
     python benchmarks/bench_ser.py folds --corpus ravdess --model mlp --features egemaps
     python benchmarks/bench_ser.py gossip
     python benchmarks/bench_ser.py speed
+    python benchmarks/bench_ser.py table     # the matrix files as markdown tables
 """
 
 from __future__ import annotations
@@ -166,9 +167,31 @@ def _pyin_speed(utterances) -> dict:
             "audio_s_per_cpu_s": round(audio / cpu, 2)}
 
 
+def table(args) -> None:
+    """Markdown of the matrix files (for BENCHMARKS.md): one row per feature kind, one column per model."""
+    results = Path(__file__).parent / "results"
+    for corpus in ("ravdess", "emodb"):
+        path = results / f"ser-matrix-{corpus}.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        cells = {(c["model"], c["features"]): c for c in doc["cases"]}
+        models = [m for m in (*MODEL_NAMES, *ENSEMBLE_MODELS) if any(k[0] == m for k in cells)]
+        kinds = [k for k in (*UTTERANCE_KINDS, *FRAME_KINDS) if any(c[1] == k for c in cells)]
+        print(f"\n{corpus} fold 1 (commit {doc['commit'][:7]}): test UA / validation UA / training s\n")
+        print("| features | " + " | ".join(models) + " |")
+        print("|---|" + "---|" * len(models))
+        for kind in kinds:
+            row = []
+            for m in models:
+                c = cells.get((m, kind))
+                row.append(f"{100 * c['ua']:.1f} / {100 * c['val_ua']:.1f} / {c['train_s_per_fold']:.0f} s" if c else "-")
+            print(f"| {kind} | " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed"))
+    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table"))
     parser.add_argument("--corpus", default="emodb")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", default="egemaps")
@@ -180,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     ensure_numba_cache()
     pin_threads(1)
-    {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed}[args.part](args)
+    {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table}[args.part](args)
 
 
 if __name__ == "__main__":

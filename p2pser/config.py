@@ -49,9 +49,11 @@ class RunConfig:
     folds: str | None = field(default=None, **_opt("folds file (folds.json format); default DATA_DIR/folds.json"))
     fold: int = field(default=1, **_opt("fold number (1-based) whose test speakers are held out"))
     test_speakers: str | None = field(default=None, **_opt("comma list of test speakers instead of --folds"))
-    features: str = field(default="mfcc", **_opt("feature kind, e.g. mfcc, logmel, mfcc+chroma"))
+    # The model and features with the best validation UA over RAVDESS and EmoDB (benchmarks/bench_ser.py,
+    # BENCHMARKS.md "Stronger SER"): an MLP on the ComParE 2016 functionals.
+    features: str = field(default="compare", **_opt("feature kind, e.g. compare, egemaps, mfcc, mfcc+pitch"))
     max_seconds: float = field(default=4.0, **_opt("utterances are cropped or zero-padded to this length"))
-    model: str = field(default="cnn1d-shallow", **_opt("model name from the registry"))
+    model: str = field(default="mlp", **_opt("model name from the registry"))
     algorithm: str = field(default="dpsgd", **_opt("learning algorithm", choices=ALGORITHMS))
     # The decentralized recipe's defaults (rounds, final_mixing, eval_every; AdamW kept across averages) were
     # chosen on validation speakers, never a fold's test speakers: benchmarks/bench_recipe.py.

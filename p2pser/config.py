@@ -20,7 +20,7 @@ from typing import Any
 
 from p2pser.errors import UserError
 
-ALGORITHMS = ("dpsgd", "kgt", "gossip", "fedavg")  # the registry in p2pser.exchange.algorithms, by name
+ALGORITHMS = ("dpsgd", "kgt", "gossip", "fedavg", "bagging")  # the registry in p2pser.exchange.algorithms
 PARTITIONS = ("speaker", "dirichlet", "iid")
 SECURITY = ("auto", "on", "off")
 RESUME = ("auto", "off")
@@ -28,7 +28,11 @@ LIVENESS = ("adaptive", "fixed")
 PEER_ADDRESS = ("strict", "key-only")
 MIXINGS = ("average", "clipped", "trimmed")
 ATTACKS = ("none", "sign-flip", "scale", "random")
-MODELS = ("svm", "cnn1d-shallow", "cnn1d", "cnn2d", "crnn")  # the registry in p2pser.learn.models, by name
+MODELS = ("svm", "cnn1d-shallow", "cnn1d", "cnn2d", "crnn", "mlp", "xgb")  # p2pser.learn.models + ENSEMBLE_MODELS
+# Models that are not averaged but learn by exchanging whole ensembles (p2pser.learn.bagging), and the one
+# algorithm that exchanges them.
+ENSEMBLE_MODELS = ("xgb",)
+ENSEMBLE_ALGORITHM = "bagging"
 OPTIMIZERS = ("adamw", "sgd")
 NORMALIZERS = ("speaker", "global", "local")
 OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
@@ -45,9 +49,11 @@ class RunConfig:
     folds: str | None = field(default=None, **_opt("folds file (folds.json format); default DATA_DIR/folds.json"))
     fold: int = field(default=1, **_opt("fold number (1-based) whose test speakers are held out"))
     test_speakers: str | None = field(default=None, **_opt("comma list of test speakers instead of --folds"))
-    features: str = field(default="mfcc", **_opt("feature kind, e.g. mfcc, logmel, mfcc+chroma"))
+    # The model and features with the best validation UA over RAVDESS and EmoDB (benchmarks/bench_ser.py,
+    # BENCHMARKS.md "Stronger SER"): an MLP on the ComParE 2016 functionals.
+    features: str = field(default="compare", **_opt("feature kind, e.g. compare, egemaps, mfcc, mfcc+pitch"))
     max_seconds: float = field(default=4.0, **_opt("utterances are cropped or zero-padded to this length"))
-    model: str = field(default="cnn1d-shallow", **_opt("model name from the registry"))
+    model: str = field(default="mlp", **_opt("model name from the registry"))
     algorithm: str = field(default="dpsgd", **_opt("learning algorithm", choices=ALGORITHMS))
     # The decentralized recipe's defaults (rounds, final_mixing, eval_every; AdamW kept across averages) were
     # chosen on validation speakers, never a fold's test speakers: benchmarks/bench_recipe.py.
@@ -142,6 +148,10 @@ class RunConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"config key '{name}' must not be negative, got {getattr(self, name)}")
         check_model_name(self.model)  # before any audio is read: a typo costs no feature extraction
+        if (self.model in ENSEMBLE_MODELS) != (self.algorithm == ENSEMBLE_ALGORITHM):
+            raise UserError(f"config keys 'model' and 'algorithm': {self.model!r} with {self.algorithm!r}; tree "
+                            f"ensembles ({', '.join(ENSEMBLE_MODELS)}) learn with --algorithm {ENSEMBLE_ALGORITHM}, "
+                            "and only they do")
         self.attacker_ids()  # a malformed list fails on load, not in the middle of a run
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise UserError(f"config key 'optimizer': {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")

@@ -45,7 +45,7 @@ STAR = Topology("star", tuple(PeerInfo(i, "127.0.0.1", 27100 + i) for i in range
 
 
 def config(**changes) -> RunConfig:
-    return RunConfig(model="svm", rounds=4, local_steps=2, batch_size=4, val_fraction=0.0, eval_every=100, final_mixing=0,
+    return RunConfig(model="svm", features="mfcc", rounds=4, local_steps=2, batch_size=4, val_fraction=0.0, eval_every=100, final_mixing=0,
                      round_timeout=7.0, startup_timeout=50.0).replace(**changes)
 
 

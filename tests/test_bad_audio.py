@@ -342,7 +342,7 @@ def test_cli_features_goes_on_and_a_warm_run_opens_no_bad_file(corpus, monkeypat
 def test_cli_simulate_goes_on_past_the_bad_files(corpus, tmp_path):
     data, cache, bad = corpus
     out = tmp_path / "run"
-    proc = run_cli("simulate", str(data), "--out", str(out), "--model", "svm", "--max-seconds", "1.5",
+    proc = run_cli("simulate", str(data), "--out", str(out), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5",
                    "--final-mixing", "0", "--rounds", "1", "--local-steps", "1", "--topology", "ring", "--cache-dir", str(cache))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -369,7 +369,7 @@ def test_cli_simulate_peer_whose_files_are_all_bad_is_one_clear_error(corpus, tm
     peer = next(k for k, rows_ in enumerate(plan.peers)
                 if {plan.corpus.utterances[i].speaker for i in rows_} == {LOST_SPEAKER})  # fmt: skip
 
-    proc = run_cli("simulate", str(copy), "--out", str(tmp_path / "run"), "--model", "svm",
+    proc = run_cli("simulate", str(copy), "--out", str(tmp_path / "run"), "--model", "svm", "--features", "mfcc",
                    "--max-seconds", "1.5", "--final-mixing", "0", "--rounds", "1", "--local-steps", "1", "--topology", "ring",
                    "--cache-dir", str(cache))
     assert proc.returncode == 2, proc.stderr

@@ -40,7 +40,7 @@ GARBAGE = [b"\x93not a p2pser header", b"junk"]
 # Peer 3's neighbours wait for it in round 0 only: long enough for every live neighbour's first model to
 # arrive on any machine, short enough to keep the test quick. Later rounds wait for live peers only, with
 # a deadline no live peer comes near.
-CFG = RunConfig(model="svm", rounds=5, local_steps=2, batch_size=8, eval_every=1, startup_timeout=10.0, final_mixing=0,
+CFG = RunConfig(model="svm", features="mfcc", rounds=5, local_steps=2, batch_size=8, eval_every=1, startup_timeout=10.0, final_mixing=0,
                 round_timeout=120.0, checkpoint_every=0)
 
 

@@ -34,7 +34,7 @@ def make_peer(model: str, peer_id: int = 0, **changes) -> Peer:
     lengths = np.full(n, frames)
     test = (x[:8], y[:8], lengths[:8])
     data = PeerData.from_arrays(x, y, lengths, np.arange(n), test, ["a", "b", "c", "d"], val_fraction=0.1, seed=0)
-    cfg = RunConfig(model=model, rounds=6, local_steps=3, batch_size=8, **changes)
+    cfg = RunConfig(model=model, features="mfcc", rounds=6, local_steps=3, batch_size=8, **changes)
     return Peer(peer_id, [], make_learner(data, cfg, peer_id), cfg, mix_weights={peer_id: 1.0})
 
 

@@ -186,13 +186,21 @@ REJECTIONS = {
     "nan": (nan_frames, "nonfinite"),
     "inf float16": (inf_frames, "nonfinite"),
     "header oversize": (lambda: [b"\x00" * (codec.MAX_HEADER_BYTES + 1)], "oversize"),
+    "content refused by the learner's check": (frames_of, "content"),
 }
+
+
+def _refuse(tensors) -> None:
+    raise ValueError("these numbers are not an ensemble")
+
+
+CONTENT_DECODER = Decoder(template_of(STATE), checks={"model": _refuse})
 
 
 @pytest.mark.parametrize("case", list(REJECTIONS))
 def test_rejections(case: str) -> None:
     make, expected = REJECTIONS[case]
-    decoder = Decoder(None) if case == "inf float16" else DECODER
+    decoder = {"inf float16": Decoder(None), "content refused by the learner's check": CONTENT_DECODER}.get(case, DECODER)
     assert reason(make(), decoder) == expected
 
 
@@ -210,6 +218,17 @@ def test_samples_and_age_are_bounded_by_what_the_run_allows() -> None:
     assert exc.value.reason == "range"
     # A run's limits can only tighten the absolute ones.
     assert Decoder(None, max_samples=10**12, max_age=1e20).max_samples == codec.MAX_SAMPLES
+
+
+def test_a_template_dimension_of_none_accepts_any_size_and_nothing_else() -> None:
+    decoder = Decoder({"blob": ((None,), np.dtype(np.uint8)), "index": ((None, 4), np.dtype(np.int64))})
+    for n in (0, 7):
+        state = {"blob": np.zeros(n, np.uint8), "index": np.zeros((n, 4), np.int64)}
+        assert decoder.decode(encode(state, sender=1, round=0, samples=1)).tensors["blob"].shape == (n,)
+    wrong = {"blob": np.zeros(3, np.uint8), "index": np.zeros((3, 5), np.int64)}
+    assert reason(encode(wrong, sender=1, round=0, samples=1), decoder) == "template"
+    flat = {"blob": np.zeros((3, 1), np.uint8), "index": np.zeros((3, 4), np.int64)}
+    assert reason(encode(flat, sender=1, round=0, samples=1), decoder) == "template"
 
 
 def test_every_reason_has_a_case() -> None:

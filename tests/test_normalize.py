@@ -54,7 +54,7 @@ def test_moments_give_the_statistics_that_fit_computes():
 
 @pytest.mark.parametrize("kind", ["ring", "exponential", "star"])
 def test_gossiped_statistics_agree_with_the_pooled_statistics(tmp_path, kind):
-    cfg = RunConfig(model="svm", rounds=2, local_steps=2, batch_size=8, checkpoint_every=0, normalizer="global",
+    cfg = RunConfig(model="svm", features="mfcc", rounds=2, local_steps=2, batch_size=8, checkpoint_every=0, normalizer="global",
                     stats_tolerance=1e-5, final_mixing=0)
     topology = make_topology(kind, 7)
     peers = make_peers(cfg, topology)
@@ -92,7 +92,7 @@ def test_a_bad_normalizer_is_one_line(synth_corpus, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["speaker", "global"])  # local: the behaviour other tests run
 def test_every_mode_through_train_and_simulate(synth_corpus, tmp_path, mode):
-    common = ["--max-seconds", "1.5", "--fold", "1", "--cache-dir", str(tmp_path / "cache")]
+    common = ["--features", "mfcc", "--max-seconds", "1.5", "--fold", "1", "--cache-dir", str(tmp_path / "cache")]
     train = subprocess.run([sys.executable, "-m", "p2pser", "train", str(synth_corpus), "--model", "svm",
                             "--epochs", "2", "--normalizer", mode, "--no-progress", *common,
                             "--out", str(tmp_path / "train")], check=False, capture_output=True, text=True, timeout=600)

@@ -17,7 +17,7 @@ from p2pser.exchange.checkpoint import CHECKPOINT_NAME, Checkpointer, save_check
 from p2pser.exchange.codec import Decoder, encode
 from p2pser.exchange.topology import make_topology
 
-BASE = RunConfig(model="svm", rounds=4, local_steps=3, batch_size=8, eval_every=2, checkpoint_every=0, final_mixing=0)
+BASE = RunConfig(model="svm", features="mfcc", rounds=4, local_steps=3, batch_size=8, eval_every=2, checkpoint_every=0, final_mixing=0)
 
 
 def simulate(tmp_path, cfg: RunConfig, topology=None):
@@ -113,7 +113,7 @@ def test_quasi_global_momentum_follows_the_averaged_model(tmp_path):
 def test_the_recipe_options_reach_the_peers_through_the_cli(synth_corpus, tmp_path):
     from p2pser.cli import main
 
-    common = ["simulate", str(synth_corpus), "--model", "svm", "--max-seconds", "1.5", "--partition", "iid",
+    common = ["simulate", str(synth_corpus), "--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--partition", "iid",
               "--peers", "4", "--topology", "ring", "--rounds", "3", "--local-steps", "2", "--eval-every", "3",
               "--cache-dir", str(tmp_path / "cache")]
     assert main([*common, "--final-mixing", "0", "--out", str(tmp_path / "plain")]) == 0

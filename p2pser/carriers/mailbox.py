@@ -44,8 +44,11 @@ class Mailbox:
             templates["stats"] = peer.learner.moments_template()
         # No samples or age beyond what an honest neighbour of this run can claim: a model's age grows by
         # local_steps a round at most and mixing takes the largest, so it never exceeds rounds x local_steps.
+        # A learner whose state is more than fixed-shape numbers (tree ensembles) checks its content too.
+        check = getattr(peer.learner, "check", None)
+        checks = {kind: check for kind in ("model", "state")} if check is not None else None
         self.decoder = Decoder(peer.template, templates=templates, max_samples=peer.max_samples,
-                               max_age=float(cfg.rounds * cfg.local_steps))
+                               max_age=float(cfg.rounds * cfg.local_steps), checks=checks)
         self.pulls = PullLimiter(cfg.pull_rate)
         self.inbox = Inbox(peer.neighbours, rounds=schedule_length(peer.config))
         self.metrics = metrics

@@ -229,6 +229,58 @@ def gossip(peer: Peer, start_round: int = 0) -> Algorithm:
             return
 
 
+def bagging(peer: Peer, start_round: int = 0) -> Algorithm:
+    """Ensemble exchange for models that cannot be averaged (XGBoost, ``p2pser.learn.bagging``), in
+    synchronous rounds: boost ``local_steps`` more trees on our own data, send each neighbour what it has not
+    said it holds of the ensembles we hold (ours and relayed ones), wait for theirs up to a deadline as
+    D-PSGD does, and keep the newest version of every ensemble. A peer predicts with a bounded,
+    sample-weighted bag of them. The ``final_mixing`` rounds add no trees and only spread the last versions,
+    so every peer ends holding every ensemble when they are at least the topology's diameter.
+
+    Each message lists everything the sender holds; ``algorithm_state["known"]`` keeps, per neighbour, the
+    versions it listed plus those we attached for it in the same round, and an ensemble is attached only
+    when we hold a newer one than that, so a version crosses each link once (a lost one is attached again
+    a round later, when the neighbour's list shows it missing).
+    """
+    cfg = peer.config
+    learner = peer.learner
+    stop = _StopRule(cfg, learner.task.val_key())
+    suspects: set[int] = set()
+    deadlines = Deadlines.from_config(cfg, peer.id)
+    known: dict[int, dict[int, int]] = peer.algorithm_state.setdefault("known", {})
+    total = schedule_length(cfg)
+    r = start_round
+    while r < total:
+        peer.round = r
+        loss = None
+        if r < cfg.rounds:
+            loss = peer.local_update(cfg.local_steps)
+            yield Compute(cfg.local_steps)
+        attached: dict[int, dict[int, int]] = {}
+        for j in peer.neighbours:
+            offer = learner.offer(known.get(j, {}))
+            attached[j] = {o: v for o, v, _, size in offer["index"].tolist() if size}
+            yield Send((j,), peer.encode(offer, r))
+        expect = frozenset(peer.neighbours) - suspects
+        timeout = cfg.startup_timeout if r == start_round else deadlines.timeout(expect)
+        got: Gathered = yield Gather("model", r, expect, timeout)
+        deadlines.observe(got.waits, expect - set(got.messages))
+        suspects = _suspects_after(suspects, peer.neighbours, got)
+        peer.mix(learner.snapshot(), got.messages, {peer.id: float(peer.samples)}
+                 | {s: float(m.samples) for s, m in got.messages.items()})
+        for sender, message in got.messages.items():
+            # What it listed before our message of this round reached it, and what that message attached.
+            # Something of ours lost on the way is missing from its next list, so it is attached again.
+            listed = learner.advertised(message.tensors)
+            known[sender] = listed | {o: max(v, listed.get(o, -1)) for o, v in attached[sender].items()}
+        row = _row(peer, r, loss, None, list(got.messages)) | deadlines.row(timeout, got.waits)
+        elapsed = yield Record(row)
+        deadlines.round_ended(elapsed)
+        if stop.done(row, elapsed):
+            return
+        r = yield from _next_round(peer, r, got)
+
+
 PULL_TRIES = 4
 # How far ahead a neighbour's models must be before we count ourselves fallen behind. A neighbour that
 # stopped waiting for us runs a round or two ahead as a matter of course; catching up on every such lead
@@ -329,6 +381,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       summary="asynchronous gossip learning: push to one random neighbour, merge by model age"),
         AlgorithmSpec("fedavg", fedavg, synchronous=True, needs_hub=True,
                       summary="federated averaging through the star's hub (a centralized-FL baseline)"),
+        AlgorithmSpec("bagging", bagging, synchronous=True, final_mixing=True, state=("known",),
+                      summary="tree ensembles (--model xgb): boost on own data, relay ensembles, predict with "
+                              "a sample-weighted bag"),
     )
 }
 # The config validates names without importing torch; both lists must name the same algorithms.

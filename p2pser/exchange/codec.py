@@ -61,8 +61,13 @@ HEADER_FIELDS = frozenset(
 
 # CodecError.reason values.
 REASONS = ("header", "version", "kind", "fields", "type", "range", "template", "frames", "size", "checksum",
-           "nonfinite", "oversize")
-Template = Mapping[str, tuple[tuple[int, ...], np.dtype]]
+           "nonfinite", "oversize", "content")
+# A template's shape may hold None for a dimension of any size (bounded by max_bytes): an ensemble of trees
+# has no fixed size, so its bytes travel as a uint8 vector whose length varies.
+Template = Mapping[str, tuple[tuple[int | None, ...], np.dtype]]
+# A learner's check of what a tensor message carries beyond names, shapes and dtypes (e.g. that bytes are a
+# well-formed tree ensemble); it raises ValueError with the reason, and the message is refused as "content".
+ContentCheck = Callable[[Mapping[str, np.ndarray]], None]
 
 
 class CodecError(Exception):
@@ -255,20 +260,23 @@ class Decoder:
     ``templates`` overrides it per message kind (an algorithm that sends more than the model with each
     ``model`` message, while ``state`` answers carry the model alone). ``max_bytes`` bounds the tensor bytes
     of one message; ``max_samples`` and ``max_age`` the ``samples`` and ``age`` a sender may claim (a larger
-    claim is refused with reason "range").
+    claim is refused with reason "range"). ``checks`` (per message kind) look at the decoded tensors last,
+    once everything else holds; what they refuse has reason "content".
     """
 
     def __init__(self, template: Template | None, *, templates: Mapping[str, Template] | None = None,
                  max_bytes: int = DEFAULT_MAX_BYTES, max_samples: int = MAX_SAMPLES,
-                 max_age: float = MAX_AGE) -> None:
-        def normal(t: Template) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-            return {name: (tuple(int(d) for d in shape), np.dtype(dtype)) for name, (shape, dtype) in t.items()}
+                 max_age: float = MAX_AGE, checks: Mapping[str, ContentCheck] | None = None) -> None:
+        def normal(t: Template) -> dict[str, tuple[tuple[int | None, ...], np.dtype]]:
+            return {name: (tuple(None if d is None else int(d) for d in shape), np.dtype(dtype))
+                    for name, (shape, dtype) in t.items()}
 
         self.template = None if template is None else normal(template)
         self.templates = {kind: normal(t) for kind, t in (templates or {}).items()}
         self.max_bytes = max_bytes
         self.max_samples = min(max_samples, MAX_SAMPLES)
         self.max_age = min(max_age, MAX_AGE)
+        self.checks = dict(checks or {})
 
     def _header(self, frame: Any) -> dict[str, Any]:
         raw = _buffer(frame)
@@ -356,6 +364,11 @@ class Decoder:
                 raise CodecError("nonfinite", f"tensor {name!r} holds NaN or Inf")
             arr.flags.writeable = False
             tensors[name] = arr
+        if kind in self.checks:
+            try:
+                self.checks[kind](tensors)
+            except ValueError as exc:
+                raise CodecError("content", str(exc)[:MAX_META_STR]) from None
         nbytes = _buffer(frames[0]).nbytes + sum(sizes)
         return Message(sender=sender, round=rnd, age=float(age), samples=samples, kind=kind,
                        tensors=tensors, meta=meta, nbytes=nbytes)
@@ -382,6 +395,7 @@ class Decoder:
                                          f"unexpected {extra}")
         for name, shape, dtype in zip(names, shapes, dtypes):
             want_shape, want_dtype = template[name]
-            if shape != want_shape or dtype != want_dtype:
+            fits = len(shape) == len(want_shape) and all(w is None or d == w for d, w in zip(shape, want_shape))
+            if not fits or dtype != want_dtype:
                 raise CodecError("template", f"tensor {name!r} is {dtype.name}{list(shape)}, the local model "
-                                             f"has {want_dtype.name}{list(want_shape)}")
+                                             f"has {want_dtype.name}{['any' if w is None else w for w in want_shape]}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pser.config import RunConfig, train_config
+from p2pser.config import ENSEMBLE_MODELS, RunConfig, train_config
 from p2pser.errors import UserError
 from p2pser.exchange.attacks import Attacking, is_attacker
 from p2pser.exchange.codec import MAX_SAMPLES, Message, encode
@@ -107,7 +107,9 @@ class Peer:
         Returns the consensus distance to the neighbours heard, measured before mixing (None if none).
         """
         others = [Contribution(s, weights[s], {k: m.tensors[k] for k in own}) for s, m in sorted(received.items())]
-        distance = consensus_distance(own, [c.state for c in others])
+        # A learner whose states are not points of one parameter space (tree ensembles) has no distance.
+        averageable = getattr(self.learner, "averageable", True)
+        distance = consensus_distance(own, [c.state for c in others]) if averageable else None
         self.learner.mix(own, weights[self.id], others, self.rule)
         return distance
 
@@ -118,11 +120,18 @@ class Peer:
 
 def make_learner(data: PeerData, cfg: RunConfig, peer_id: int) -> Learner:
     """The learner of peer ``peer_id`` under ``cfg``, wrapped by the run's cross-cutting behaviour."""
-    learner: Learner = TorchLearner(
-        data, cfg.model, cfg.features, train_config(cfg), task_named(),
-        model_seed=cfg.seed, trainer_seed=cfg.seed * 100_003 + peer_id, total_steps=cfg.rounds * cfg.local_steps,
-        optimizer_state=cfg.optimizer_state, momentum=0.9 if cfg.momentum is None else cfg.momentum,
-    )
+    if cfg.model in ENSEMBLE_MODELS:
+        from p2pser.learn.bagging import BaggingLearner  # imports xgboost: only runs that use it pay
+
+        learner: Learner = BaggingLearner(data, cfg.features, task_named(), peer_id=peer_id, seed=cfg.seed,
+                                          total_trees=cfg.rounds * cfg.local_steps)
+    else:
+        learner = TorchLearner(
+            data, cfg.model, cfg.features, train_config(cfg), task_named(),
+            model_seed=cfg.seed, trainer_seed=cfg.seed * 100_003 + peer_id,
+            total_steps=cfg.rounds * cfg.local_steps,
+            optimizer_state=cfg.optimizer_state, momentum=0.9 if cfg.momentum is None else cfg.momentum,
+        )
     if is_attacker(cfg, peer_id):  # an experiment's Byzantine peer: lies on the wire, never to itself
         learner = Attacking(learner, cfg, peer_id)
     return learner

@@ -10,7 +10,8 @@ Run folder::
     summary.json                 mode, ua/wa/macro_f1 (mean over folds), per_fold, model, features, wall_s ...
     confusion.png                confusion matrix summed over the folds
     fold-K/metrics.json          test report (UA, WA, F1, per-class recall, confusion) and per-epoch history
-    fold-K/model.pt              the trained model's state_dict (torch.save; load with weights_only=True)
+    fold-K/model.pt              the trained model's state_dict (torch.save; load with weights_only=True);
+                                 model.json for xgb (xgboost's JSON format)
     fold-K/normalizer.json       the per-channel statistics the model's inputs were standardised with
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from p2pser.config import RunConfig, check_model_name
+from p2pser.config import ENSEMBLE_MODELS, RunConfig, check_model_name
 from p2pser.errors import UserError
 from p2pser.features.normalize import Normalizer, standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec
@@ -142,6 +143,9 @@ def _fit_fold(
     y_train, y_val, y_test = fs.labels[split.train], fs.labels[split.val], fs.labels[split.test]
     classes = data.classes
 
+    if model_name in ENSEMBLE_MODELS:
+        return _fit_fold_trees(x_train, y_train, x_val, y_val, x_test, y_test, classes, norm, task, seed=seed,
+                               number=number, fold_dir=fold_dir, test_speakers=fs.speakers[split.test])
     model = build_model(model_name, x_train.shape[1], x_train.shape[2], len(classes), seed=seed)
     trainer = LocalTrainer(model, x_train, y_train, len(classes), cfg, seed=seed)
     history: list[dict] = []
@@ -181,6 +185,31 @@ def _fit_fold(
     (fold_dir / "metrics.json").write_text(json.dumps(report, indent=1))
     log.info("fold %d: %s %.4f (%d test utterances, %.1f s)", number, task.label(), report[task.primary],
              len(y_test), train_s)
+    return report
+
+
+def _fit_fold_trees(x_train, y_train, x_val, y_val, x_test, y_test, classes, norm, task: Task, *, seed: int,
+                    number: int, fold_dir: Path, test_speakers: np.ndarray) -> dict:
+    """The pooled ``xgb`` model of one fold (``p2pser.learn.trees.fit_pooled``); ``model.json`` is xgboost's
+    own format."""
+    from p2pser.learn import trees
+
+    t0 = time.perf_counter()
+    booster, rounds, history = trees.fit_pooled(
+        trees.utterance_vectors(x_train), y_train, trees.utterance_vectors(x_val), y_val, len(classes), seed=seed,
+        score=lambda y, p: task.score(y, p, classes)[task.primary])
+    train_s = time.perf_counter() - t0
+    report = task.score(y_test, trees.probabilities(booster, trees.utterance_vectors(x_test)), classes)
+    report.update(fold=number, test_speakers=sorted(set(test_speakers.tolist())), n_train=len(y_train),
+                  n_val=len(y_val), n_test=len(y_test), epoch=rounds, train_s=round(train_s, 2),
+                  history=[{"trees": k, task.val_key(): round(v, 5)} for k, v in history],
+                  params=trees.count_nodes(booster))
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    booster.save_model(fold_dir / "model.json")
+    (fold_dir / "normalizer.json").write_text(json.dumps(norm.to_dict()))
+    (fold_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+    log.info("fold %d: %s %.4f (%d test utterances, %d boosting rounds, %.1f s)", number, task.label(),
+             report[task.primary], len(y_test), rounds, train_s)
     return report
 
 
@@ -225,7 +254,8 @@ def train_experiment(
             for r in reports
         ],
         "model": model_name,
-        "params": count_parameters(build_model(model_name, fs.x.shape[1], fs.x.shape[2], len(classes))),
+        "params": reports[-1]["params"] if model_name in ENSEMBLE_MODELS  # tree nodes
+        else count_parameters(build_model(model_name, fs.x.shape[1], fs.x.shape[2], len(classes))),
         "features": fs.spec.kind,
         "feature_spec": fs.spec.to_dict(),
         "classes": classes,

@@ -37,8 +37,11 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         features, row_of = extract_for(plan, needed, cfg, progress=False)
     test = test_set(features, row_of, plan, cfg.normalizer)
     peers = [build_peer(plan, topology, k, cfg, features, row_of, test) for k in range(topology.n)]
-    tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes)
-    sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress, on_record=tracker.add)
+    # Tree ensembles have no average model to track (their peers' bags are reported instead).
+    averageable = getattr(peers[0].learner, "averageable", True)
+    tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes) if averageable else None
+    sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress,
+                    on_record=tracker.add if tracker else None)
     t0 = time.perf_counter()
     sim.run()
     loop_s = time.perf_counter() - t0
@@ -60,5 +63,5 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         "overhead_fraction": round(max(loop_s - training_s, 0.0) / max(loop_s, 1e-9), 4),
     }
     return report_run(out_dir, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,
-                      average_model_per_round=tracker.scores(),
+                      average_model_per_round=tracker.scores() if tracker else None,
                      attackers=attacking_peers(cfg))

@@ -97,8 +97,9 @@ def run_cases(data_dir: str | Path, cases: list[Case], out_dir: str | Path) -> l
 
 def run_baseline(data_dir: str | Path, cfg: RunConfig, n_peers: int, out_dir: Path) -> dict:
     """The pooled-data model with the same model, features and epoch budget as the ``n_peers`` peers."""
-    from p2pser.config import train_config
+    from p2pser.config import ENSEMBLE_MODELS, train_config
     from p2pser.experiments.centralized import train_centralized
+    from p2pser.learn.trees import XGB_TREES
     from p2pser.partition.experiment import feature_spec
 
     plan = make_plan(data_dir, cfg, n_peers)
@@ -113,5 +114,9 @@ def run_baseline(data_dir: str | Path, cfg: RunConfig, n_peers: int, out_dir: Pa
         model_name=cfg.model, spec=feature_spec(cfg), train_cfg=train_config(cfg, epochs=epochs),
         seed=cfg.seed, cache_dir=cfg.cache_dir, progress=True, normalizer=cfg.normalizer,
     )
-    summary.update(label="centralized", epochs=epochs, wall_s=round(time.monotonic() - start, 2))
+    # Trees have no epochs: the pooled xgb boosts as many trees as a peer may (p2pser.learn.trees.XGB_TREES).
+    trees = cfg.model in ENSEMBLE_MODELS
+    summary.update(label="centralized", epochs=None if trees else epochs,
+                   budget=f"{XGB_TREES} boosting rounds" if trees else f"{epochs} epochs",
+                   wall_s=round(time.monotonic() - start, 2))
     return summary

@@ -66,6 +66,14 @@ def _params_key(params: dict[str, Any]) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 
+def _part_settings(spec: FeatureSpec, part: str) -> dict[str, Any]:
+    """What changes a part's values beyond the waveform: its settings, and the version of the library that
+    computes it when that is not librosa (openSMILE)."""
+    kind = KINDS[part]
+    settings = {name: getattr(spec, name) for name in kind.settings}
+    return settings | ({kind.package: version(kind.package)} if kind.package else {})
+
+
 def _atomic_write(path: Path, write) -> None:
     # Not p2pser.files.write_atomically: its one temporary name per target would let two runs writing the
     # same entry at once (two workers or two runs sharing a cache) interleave in it; a name per writer cannot.
@@ -90,10 +98,7 @@ class Cache:
             "n_fft": spec.n_fft, "hop_length": spec.hop_length, "win_length": spec.win_length,
         }
         self.audio_key = _params_key(audio)
-        self.part_keys = {
-            p: _params_key({**audio, "part": p, **{name: getattr(spec, name) for name in KINDS[p].settings}})
-            for p in spec.parts
-        }
+        self.part_keys = {p: _params_key({**audio, "part": p, **_part_settings(spec, p)}) for p in spec.parts}
 
     def part_path(self, digest: str, part: str) -> Path:
         return self.root / digest[:2] / f"{digest}.{part}.{self.part_keys[part]}.npy"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p2pser.config import MODELS
+from p2pser.config import ENSEMBLE_MODELS, MODELS
 from p2pser.errors import UserError
 
 LossKind = str  # "ce" (softmax cross-entropy) or "hinge" (multi-class hinge, Weston-Watkins)
@@ -195,6 +195,30 @@ class CRNN(nn.Module):
         return self.head(self.pool(h, frame_mask(x)))
 
 
+class MLP(nn.Module):
+    """A multi-layer perceptron on one vector per utterance: the functionals of an utterance-level kind
+    (eGeMAPS, ComParE: ``frames == 1``) as they are, or a frame-level kind's mean and standard deviation
+    over the real frames. Dropout on the input too: 6373 correlated ComParE functionals overfit a few hundred
+    utterances otherwise."""
+
+    loss_kind: LossKind = "ce"
+
+    def __init__(self, in_channels: int, n_frames: int, n_classes: int, hidden: tuple[int, ...],
+                 dropout: float) -> None:
+        super().__init__()
+        width = in_channels if n_frames == 1 else 2 * in_channels
+        layers: list[nn.Module] = [nn.Dropout(dropout / 2)]
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout)]
+            width = h
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[:, :, 0] if x.shape[2] == 1 else _stats_pool(x, frame_mask(x))
+        return self.head(self.features(v))
+
+
 _Factory = Callable[[int, int, int], nn.Module]
 
 _REGISTRY: dict[str, _Factory] = {
@@ -203,11 +227,13 @@ _REGISTRY: dict[str, _Factory] = {
     "cnn1d": lambda c, t, k: CNN1d(c, k, widths=(96, 128, 160, 192), kernels=(5, 5, 3, 3), dropout=0.3),
     "cnn2d": lambda c, t, k: CNN2d(c, k, widths=(16, 32, 64, 128), dropout=0.3),
     "crnn": lambda c, t, k: CRNN(c, k, widths=(16, 32, 64), hidden=64, dropout=0.3),
+    "mlp": lambda c, t, k: MLP(c, t, k, hidden=(256, 128), dropout=0.3),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
-# The config validates names without importing torch; both lists must name the same models.
-assert MODEL_NAMES == MODELS, (MODEL_NAMES, MODELS)
+# The config validates names without importing torch; both lists must name the same models (tree ensembles
+# are not torch models: p2pser.learn.trees).
+assert MODEL_NAMES == tuple(m for m in MODELS if m not in ENSEMBLE_MODELS), (MODEL_NAMES, MODELS)
 
 
 def build_model(name: str, in_channels: int, n_frames: int, n_classes: int, *, seed: int | None = None) -> nn.Module:

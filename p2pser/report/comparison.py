@@ -39,7 +39,7 @@ def write_comparison(out_dir: Path, summaries: list[dict], baseline: dict | None
             f"{s['consensus_distance_last'] or 0:.3g} | {s['bytes_sent_max_peer']:,} | {s['wall_s']} |"
         )
     if baseline is not None:
-        lines.append(f"| centralized (pooled data, {baseline['epochs']} epochs) | 1 | - | {pct(baseline[task.primary])} | "
+        lines.append(f"| centralized (pooled data, {baseline.get('budget') or str(baseline['epochs']) + ' epochs'}) | 1 | - | {pct(baseline[task.primary])} | "
                      f"- | - | - | 0 | {baseline['wall_s']} |")
     table = out_dir / "comparison.md"
     table.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,210 @@
+"""Issue 14: the openSMILE feature kinds, pitch, and the mlp and xgb models, on the real corpora.
+
+Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>].json``):
+
+``matrix``  every model x feature kind on fold 1 of a corpus (``--corpus``): test UA, validation UA (15% of
+            the training speakers' utterances held out, class-stratified; the epoch or number of trees is
+            chosen on it) and training seconds. Frame-level models (cnn*, crnn) need frames, so they run on
+            the frame-level kinds only. The default model and features are chosen from these files by the
+            mean *validation* UA over the corpora, never by test UA.
+``folds``   one model x features on every fold of a corpus (the targets: RAVDESS 6-fold, EmoDB 5-fold).
+``gossip``  xgb by bagging in the simulator (8 peers, one per training speaker of EmoDB fold 1, exponential
+            graph) beside the pooled xgb of the same run; ensemble bytes per peer.
+``speed``   extraction speed of each feature kind on EmoDB: seconds of audio per CPU-second cold (a fresh
+            cache, one process) and utterances per second warm.
+
+    python benchmarks/bench_ser.py matrix --corpus emodb
+    python benchmarks/bench_ser.py folds --corpus ravdess --model mlp --features egemaps
+    python benchmarks/bench_ser.py gossip
+    python benchmarks/bench_ser.py speed
+    python benchmarks/bench_ser.py table     # the matrix files as markdown tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import DATA, provenance, write_results
+
+from p2pser.config import ENSEMBLE_MODELS
+from p2pser.experiments.centralized import parse_folds, prepare_pooled, train_experiment
+from p2pser.features.extract import extract_features
+from p2pser.features.spec import FeatureSpec
+from p2pser.learn.models import MODEL_NAMES
+from p2pser.learn.trainer import recommended_config
+from p2pser.runtime import ensure_numba_cache, pin_threads
+
+UTTERANCE_KINDS = ("egemaps", "compare")
+FRAME_KINDS = ("mfcc", "mfcc+pitch", "egemaps-lld", "compare-lld", "logmel")
+VECTOR_MODELS = ("svm", "mlp", "xgb")  # work on one vector per utterance as well as on frames
+VAL_FRACTION = 0.15
+
+
+def _case(pooled, model: str, kind: str, folds: list[int], tmp: Path, seed: int) -> dict:
+    load = os.getloadavg()[0]
+    summary = train_experiment(pooled, folds, model, recommended_config(model), seed=seed,
+                               out_dir=tmp / f"{model}-{kind}", val_fraction=VAL_FRACTION, progress=False)
+    per_fold = []
+    for r, fold in zip(summary["per_fold"], folds):
+        metrics = json.loads((tmp / f"{model}-{kind}" / f"fold-{fold}" / "metrics.json").read_text())
+        history = [h.get("val_ua") for h in metrics["history"] if h.get("val_ua") is not None]
+        per_fold.append({"fold": fold, "ua": round(r["ua"], 4), "wa": round(r["wa"], 4),
+                         "val_ua": round(max(history), 4) if history else None, "train_s": r["train_s"],
+                         "epochs_or_trees": r["epoch"]})
+    return {"model": model, "features": kind, "ua": round(summary["ua"], 4), "params": summary["params"],
+            "val_ua": round(sum(f["val_ua"] or 0 for f in per_fold) / len(per_fold), 4),
+            "train_s_per_fold": round(sum(f["train_s"] for f in per_fold) / len(per_fold), 1),
+            "per_fold": per_fold, "load_avg_at_start": round(load, 1)}
+
+
+def matrix(args) -> None:
+    cases = [(m, k) for k in UTTERANCE_KINDS for m in VECTOR_MODELS]
+    cases += [(m, k) for k in FRAME_KINDS for m in MODEL_NAMES + ENSEMBLE_MODELS]
+    wanted = set(args.models.split(",")) if args.models else None
+    kinds = set(args.kinds.split(",")) if args.kinds else None
+    cases = [(m, k) for m, k in cases if (wanted is None or m in wanted) and (kinds is None or k in kinds)]
+    name = f"ser-matrix-{args.corpus}"
+    path = Path(__file__).parent / "results" / f"{name}.json"
+    results = json.loads(path.read_text()) if path.exists() else {"cases": []}
+    results |= {"corpus": args.corpus, "fold": 1, "val_fraction": VAL_FRACTION, "seed": args.seed}
+    done = {(c["model"], c["features"]) for c in results["cases"]}
+    with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
+        for kind in dict.fromkeys(k for _, k in cases):
+            pooled = prepare_pooled(DATA / args.corpus, FeatureSpec(kind=kind), progress=False)
+            for model, _ in [c for c in cases if c[1] == kind and c not in done]:
+                case = _case(pooled, model, kind, [1], Path(tmp), args.seed)
+                results["cases"] = [c for c in results["cases"] if (c["model"], c["features"]) != (model, kind)]
+                results["cases"].append(case)
+                print(json.dumps({k: case[k] for k in ("model", "features", "ua", "val_ua", "train_s_per_fold")}),
+                      flush=True)
+                write_results(name, results | provenance(sys.argv))
+
+
+def folds(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
+        pooled = prepare_pooled(DATA / args.corpus, FeatureSpec(kind=args.features), progress=False)
+        numbers = parse_folds("all", len(pooled.experiment.folds))
+        case = _case(pooled, args.model, args.features, numbers, Path(tmp), args.seed)
+    print(json.dumps(case, indent=1))
+    write_results(f"ser-folds-{args.corpus}-{args.model}-{args.features}",
+                  {"corpus": args.corpus, "val_fraction": VAL_FRACTION, "seed": args.seed, **case}
+                  | provenance(sys.argv))
+
+
+def gossip(args) -> None:
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
+        run = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "p2pser", "simulate", str(DATA / "emodb"), "--fold", "1", "--peers", "8",
+               "--model", "xgb", "--algorithm", "bagging", "--features", args.features, "--rounds", "1",
+               "--local-steps", str(args.trees), "--final-mixing", "3", "--eval-every", "1",
+               "--baseline", "centralized", "--out", str(run)]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        summary = json.loads((run / "summary.json").read_text())
+        peers = []
+        for k in range(8):
+            rows = [json.loads(line) for line in (run / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
+            peers.append({"peer": k, "test_ua": round(rows[-1]["test_ua"], 4), "bag_size": rows[-1]["bag_size"],
+                          "bytes_sent": rows[-1]["bytes_sent"], "bytes_received": rows[-1]["bytes_received"],
+                          "ua_per_round": [round(r["test_ua"], 4) for r in rows]})
+    results = {"command": " ".join(cmd[1:]), "wall_s": round(wall, 1),
+               "ua_mean": round(summary["ua_mean"], 4), "ua_min": round(summary["ua_min"], 4),
+               "pooled_xgb_ua": round(summary["baseline_centralized_ua"], 4),
+               "gap_points": round(100 * (summary["baseline_centralized_ua"] - summary["ua_mean"]), 2),
+               "bytes_sent_mean_per_peer": round(sum(p["bytes_sent"] for p in peers) / len(peers)),
+               "bytes_sent_max_peer": summary["bytes_sent_max_peer"], "peers": peers}
+    print(json.dumps({k: v for k, v in results.items() if k != "peers"}, indent=1))
+    write_results(f"ser-gossip-{args.features}", results | provenance(sys.argv))
+
+
+def speed(args) -> None:
+    from p2pser.audio.corpora import load_corpus
+
+    utterances = load_corpus(DATA / "emodb").utterances[:: args.step]
+    rows = []
+    for kind in ("mfcc", "pitch", "egemaps", "egemaps-lld", "compare", "compare-lld"):
+        with tempfile.TemporaryDirectory(prefix="bench-ser-cache-") as cache:
+            cold = extract_features(utterances, FeatureSpec(kind=kind), cache_dir=cache, workers=1, progress=False)
+            warm = extract_features(utterances, FeatureSpec(kind=kind), cache_dir=cache, workers=1, progress=False)
+        s = cold.stats
+        rows.append({"kind": kind, "files": s["files"], "audio_s": s["audio_seconds_extracted"],
+                     "cold_cpu_s": s["cpu_seconds"],
+                     "cold_audio_s_per_cpu_s": round(s["audio_seconds_extracted"] / s["cpu_seconds"], 1),
+                     "warm_wall_s": warm.stats["wall_seconds"],
+                     "warm_utterances_per_s": round(s["files"] / warm.stats["wall_seconds"], 1),
+                     "warm_audio_s_per_cpu_s": round(s["audio_seconds_extracted"] / max(warm.stats["cpu_seconds"], 1e-3), 1),
+                     "load_avg": round(os.getloadavg()[0], 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    write_results("ser-speed", {"corpus": "emodb", "every_nth_file": args.step, "kinds": rows,
+                                "pyin": _pyin_speed(utterances[:3])} | provenance(sys.argv))
+
+
+def _pyin_speed(utterances) -> dict:
+    """librosa's pyin, the other pitch tracker considered for ``pitch``: seconds of audio per CPU-second."""
+    import librosa
+
+    from p2pser.audio.decode import load_audio, read_file
+
+    spec = FeatureSpec(kind="pitch")
+    audio = 0.0
+    t0 = time.process_time()
+    for u in utterances:
+        y, seconds, _ = load_audio(read_file(str(u.path)), sample_rate=spec.sample_rate, trim_db=spec.trim_db,
+                                   trim_block=spec.hop_length, min_samples=spec.n_fft, normalize=spec.normalize)
+        librosa.pyin(y, fmin=60, fmax=600, sr=spec.sample_rate, frame_length=1024, hop_length=spec.hop_length)
+        audio += seconds
+    cpu = time.process_time() - t0
+    return {"files": len(utterances), "audio_s": round(audio, 1), "cpu_s": round(cpu, 1),
+            "audio_s_per_cpu_s": round(audio / cpu, 2)}
+
+
+def table(args) -> None:
+    """Markdown of the matrix files (for BENCHMARKS.md): one row per feature kind, one column per model."""
+    results = Path(__file__).parent / "results"
+    for corpus in ("ravdess", "emodb"):
+        path = results / f"ser-matrix-{corpus}.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        cells = {(c["model"], c["features"]): c for c in doc["cases"]}
+        models = [m for m in (*MODEL_NAMES, *ENSEMBLE_MODELS) if any(k[0] == m for k in cells)]
+        kinds = [k for k in (*UTTERANCE_KINDS, *FRAME_KINDS) if any(c[1] == k for c in cells)]
+        print(f"\n{corpus} fold 1 (commit {doc['commit'][:7]}): test UA / validation UA / training s\n")
+        print("| features | " + " | ".join(models) + " |")
+        print("|---|" + "---|" * len(models))
+        for kind in kinds:
+            row = []
+            for m in models:
+                c = cells.get((m, kind))
+                row.append(f"{100 * c['ua']:.1f} / {100 * c['val_ua']:.1f} / {c['train_s_per_fold']:.0f} s" if c else "-")
+            print(f"| {kind} | " + " | ".join(row) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table"))
+    parser.add_argument("--corpus", default="emodb")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--features", default="egemaps")
+    parser.add_argument("--models", default=None, help="matrix: only these models (comma list)")
+    parser.add_argument("--kinds", default=None, help="matrix: only these feature kinds (comma list)")
+    parser.add_argument("--trees", type=int, default=100, help="gossip: boosting rounds per peer")
+    parser.add_argument("--step", type=int, default=4, help="speed: every n-th EmoDB file")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    ensure_numba_cache()
+    pin_threads(1)
+    {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The ``xgb`` learner: boosted trees on a peer's own data, bagged with the ensembles other peers sent.
+
+Trees cannot be averaged. Each peer boosts its own ensemble (``local_steps`` more rounds per round of the
+schedule, up to ``XGB_TREES``); peers pass ensembles on, and a peer predicts with the sample-weighted mean of
+the class probabilities of a bounded set of ensembles: its own and up to ``members - 1`` received ones, those
+trained on the most utterances (Flower's ``FedXgbBagging`` does the same through a server).
+
+What crosses the wire (the ``State``) is every ensemble the peer holds, each from its *origin* peer, tagged
+with a version that grows as the origin boosts more trees:
+
+    index      int64 [k, 4]   one row per ensemble held: origin, version, samples, bytes attached here
+    ensembles  uint8 [n]      the attached ensembles' xgboost JSON, concatenated in index order
+
+A row with 0 bytes says "I hold this version" without sending it: the algorithm (``bagging`` in
+``p2pser.exchange.algorithms``) attaches only what a neighbour has not said it holds, so every version of
+every ensemble crosses each link about once, and relaying brings every peer every ensemble within the
+topology's diameter. ``check`` validates a received state before it is filed (the codec calls it), so a
+malformed ensemble is rejected with a reason and never reaches xgboost's parser unchecked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2pser.features.normalize import Normalizer
+from p2pser.files import write_atomically
+from p2pser.learn import trees
+from p2pser.learn.data import PeerData
+from p2pser.learn.tasks import Task
+
+State = Mapping[str, np.ndarray]
+INDEX, ENSEMBLES = "index", "ensembles"
+MAX_ORIGINS = 4096  # rows of an index: more peers than any run here
+DEFAULT_MEMBERS = 16  # ensembles a peer predicts with (its own included)
+ENSEMBLES_FILE = "ensembles.npz"
+
+
+@dataclass
+class Member:
+    version: int
+    samples: int
+    raw: np.ndarray  # uint8 xgboost JSON
+    booster: Any
+
+
+class BaggingLearner:
+    """Implements ``p2pser.learn.learner.Learner`` for XGBoost; see the module docstring."""
+
+    averageable = False  # no parameter average, consensus distance or average model
+
+    def __init__(self, data: PeerData, features: str, task: Task, *, peer_id: int, seed: int, total_trees: int,
+                 members: int = DEFAULT_MEMBERS) -> None:
+        self.data = data
+        self.features = features
+        self.task = task
+        self.id = peer_id
+        self.seed = seed
+        self.total_trees = min(total_trees, trees.XGB_TREES)
+        self.members = members
+        self.n_classes = len(data.classes)
+        self._x = trees.utterance_vectors(data.x_train)
+        self.n_features = self._x.shape[1]
+        self.samples = len(data.y_train)
+        self.template = {INDEX: ((None, 4), np.dtype(np.int64)), ENSEMBLES: ((None,), np.dtype(np.uint8))}
+        self.timings = {"train": 0.0, "eval": 0.0}
+        self.boosted = 0  # boosting rounds of our own ensemble
+        self.held: dict[int, Member] = {}  # origin -> newest ensemble held, our own included once boosted
+        self._last_loss = float("nan")
+
+    # -- learning ---------------------------------------------------------------------------------------
+    def train(self, steps: int, correction: State | None = None) -> float:
+        """Boost ``steps`` more rounds on our own data (none once ``total_trees`` are reached); the mean
+        log loss of the bag on our training data."""
+        t0 = time.perf_counter()
+        rounds = min(steps, self.total_trees - self.boosted)
+        if rounds > 0:
+            own = self.held.get(self.id)
+            booster = trees.boost(self._x, self.data.y_train, self.n_classes, rounds, seed=self.seed + self.id,
+                                  init=own.booster if own else None)
+            self.boosted += rounds
+            self.held[self.id] = Member(self.boosted, self.samples, trees.to_wire(booster), booster)
+            p = trees.probabilities(booster, self._x)[np.arange(self.samples), self.data.y_train]
+            self._last_loss = float(-np.mean(np.log(np.maximum(p, 1e-12))))
+        self.timings["train"] += time.perf_counter() - t0
+        return self._last_loss
+
+    def step_size(self) -> float:
+        return 0.0  # no step in parameter space: trees are added, not moved
+
+    def bag(self) -> list[Member]:
+        """The ensembles we predict with: our own and the received ones trained on the most utterances."""
+        others = sorted((m for o, m in self.held.items() if o != self.id), key=lambda m: -m.samples)
+        own = [self.held[self.id]] if self.id in self.held else []
+        return own + others[: self.members - len(own)]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Sample-weighted mean class probabilities of the bag for features ``[N, C, T]``."""
+        bag = self.bag()
+        vectors = trees.utterance_vectors(x)
+        if not bag:
+            return np.full((len(x), self.n_classes), 1.0 / self.n_classes)
+        total = sum(m.samples for m in bag) or len(bag)
+        return sum((m.samples or 1) / total * trees.probabilities(m.booster, vectors) for m in bag)
+
+    def evaluate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        data, task = self.data, self.task
+        row: dict[str, float] = {}
+        if len(data.y_val):
+            row[task.val_key()] = task.score(data.y_val, self.predict_proba(data.x_val), data.classes)[task.primary]
+        if len(data.y_test):
+            row.update(task.test_row(task.score(data.y_test, self.predict_proba(data.test_inputs()), data.classes)))
+        row["bag_size"] = len(self.bag())
+        self.timings["eval"] += time.perf_counter() - t0
+        return row
+
+    # -- the wire ---------------------------------------------------------------------------------------
+    def holdings(self) -> dict[int, int]:
+        """origin -> version of every ensemble held."""
+        return {o: m.version for o, m in self.held.items()}
+
+    def offer(self, known: Mapping[int, int]) -> dict[str, np.ndarray]:
+        """Our state for a neighbour known to hold ``known`` (origin -> version): every ensemble listed,
+        those it lacks (or holds older) attached."""
+        return pack(self.held, known)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return self.offer({})
+
+    def outgoing(self, state: State, round_: int) -> State:
+        return state
+
+    @staticmethod
+    def advertised(state: State) -> dict[int, int]:
+        """origin -> version a (checked) received state says its sender holds."""
+        return {int(o): int(v) for o, v, _, _ in np.asarray(state[INDEX])}
+
+    def check(self, state: State) -> None:
+        """Refuse (``EnsembleError``) a received state whose index or ensembles are malformed: called on
+        every message before it is filed, so a bad ensemble is counted and logged as a rejection."""
+        index, blob = np.asarray(state[INDEX]), np.asarray(state[ENSEMBLES])
+        if index.shape[0] > MAX_ORIGINS:
+            raise trees.EnsembleError(f"{index.shape[0]} ensembles listed, at most {MAX_ORIGINS}")
+        origins, versions, samples, sizes = index.T if len(index) else (np.zeros(0, np.int64),) * 4
+        if len(set(origins.tolist())) != len(origins) or (origins < 0).any() or (origins >= 1 << 31).any():
+            raise trees.EnsembleError("origins repeat or are not peer ids")
+        if (versions < 1).any() or (versions > trees.MAX_TREES).any():
+            raise trees.EnsembleError(f"versions must lie in 1..{trees.MAX_TREES}")
+        if (samples < 0).any() or (samples > 1 << 40).any() or (sizes < 0).any():
+            raise trees.EnsembleError("negative or absurd sample counts or sizes")
+        if int(sizes.sum()) != blob.size:
+            raise trees.EnsembleError(f"the index attaches {int(sizes.sum())} bytes, the message carries {blob.size}")
+        for origin, raw in self._attached(index, blob):
+            try:
+                trees.from_wire(raw, n_features=self.n_features, n_classes=self.n_classes)
+            except trees.EnsembleError as exc:
+                raise trees.EnsembleError(f"ensemble of peer {origin}: {exc}") from None
+
+    @staticmethod
+    def _attached(index: np.ndarray, blob: np.ndarray):
+        at = 0
+        for origin, _, _, size in index:
+            if size:
+                yield int(origin), blob[at:at + size]
+                at += size
+
+    def mix(self, own: State, own_weight: float, others: Sequence[Any], rule: Any) -> None:
+        """Keep the newest version of every ensemble the neighbours attached (``others``: contributions of
+        checked states); ``own_weight`` and the averaging ``rule`` do not apply to trees."""
+        for contribution in sorted(others, key=lambda c: c.sender):
+            index, blob = np.asarray(contribution.state[INDEX]), np.asarray(contribution.state[ENSEMBLES])
+            at = 0
+            for origin, version, samples, size in index.tolist():
+                raw = blob[at:at + size]
+                at += size
+                if not size or origin == self.id or self.held.get(origin, Member(0, 0, raw, None)).version >= version:
+                    continue
+                booster = trees.from_wire(raw, n_features=self.n_features, n_classes=self.n_classes)
+                self.held[origin] = Member(version, samples, np.array(raw, dtype=np.uint8), booster)
+
+    def advance_to(self, step: int) -> None:
+        """Nothing to move: a tree ensemble has no learning-rate schedule."""
+
+    # -- normalisation statistics (--normalizer global) -------------------------------------------------
+    def moments(self) -> dict[str, np.ndarray]:
+        return self.data.moments()
+
+    def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        channels = self.data.x_train.shape[1]
+        f64 = np.dtype(np.float64)
+        return {"count": ((1,), f64), "sum": ((channels,), f64), "sumsq": ((channels,), f64)}
+
+    def adopt_moments(self, moments: State) -> None:
+        self.data.adopt(Normalizer.from_moments(dict(moments)))
+        self._x = trees.utterance_vectors(self.data.x_train)
+
+    # -- checkpoints and outputs ------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"boosted": self.boosted,
+                "held": {o: {"version": m.version, "samples": m.samples, "raw": m.raw} for o, m in self.held.items()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.boosted = int(state["boosted"])
+        self.held = {}
+        for origin, m in state["held"].items():
+            booster = trees.from_wire(m["raw"], n_features=self.n_features, n_classes=self.n_classes)
+            self.held[int(origin)] = Member(int(m["version"]), int(m["samples"]), np.asarray(m["raw"]), booster)
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": "xgb", "features": self.features, "samples": self.samples}
+
+    def save(self, folder: str | Path) -> None:
+        """``ensembles.npz``: the index and ensembles of the bag this peer predicts with (no pickle)."""
+        chosen = {id(m) for m in self.bag()}
+        state = pack({o: m for o, m in self.held.items() if id(m) in chosen}, {})
+        write_atomically(Path(folder) / ENSEMBLES_FILE, lambda fh: np.savez(fh, **state))
+
+
+def pack(held: Mapping[int, Member], known: Mapping[int, int]) -> dict[str, np.ndarray]:
+    """The wire state of ``held``: all listed, those newer than ``known`` says (origin -> version) attached."""
+    rows, blobs = [], []
+    for origin, m in sorted(held.items()):
+        send = known.get(origin, -1) < m.version
+        rows.append((origin, m.version, m.samples, len(m.raw) if send else 0))
+        if send:
+            blobs.append(m.raw)
+    index = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    return {INDEX: index, ENSEMBLES: np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)}

@@ -1,0 +1,167 @@
+"""XGBoost by ensemble exchange: the wire checks, the learner, simulate and a real two-peer launch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_launch import N_CLASSES, p2pser, topology_file
+
+from p2pser.config import RunConfig
+from p2pser.errors import UserError
+from p2pser.exchange.codec import CodecError, Decoder, encode
+from p2pser.features.normalize import Normalizer
+from p2pser.learn import trees
+from p2pser.learn.bagging import BaggingLearner
+from p2pser.learn.data import PeerData
+from p2pser.learn.tasks import CLASSIFICATION
+
+XGB = ["--model", "xgb", "--algorithm", "bagging", "--features", "mfcc", "--max-seconds", "1.5",
+       "--partition", "iid", "--local-steps", "10"]
+
+
+def _learner(peer_id: int, seed: int = 0, n: int = 60, features: int = 6) -> BaggingLearner:
+    """A learner on separable random data: class k has feature k shifted by 2."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = rng.normal(size=(n, features, 1)).astype(np.float32)
+    x[np.arange(n), y, 0] += 2.0
+    data = PeerData(x_train=x[:40], y_train=y[:40], x_val=x[40:50], y_val=y[40:50], x_test=x[50:], y_test=y[50:],
+                    lengths_test=np.ones(10, np.int64), classes=["a", "b", "c"], normalizer=Normalizer.identity(features))
+    data.mode = "speaker"  # test inputs as they are
+    return BaggingLearner(data, "egemaps", CLASSIFICATION, peer_id=peer_id, seed=0, total_trees=20)
+
+
+def _decoder(learner: BaggingLearner) -> Decoder:
+    return Decoder(learner.template, checks={"model": learner.check})
+
+
+def _frames(state, sender=1):
+    return encode(state, sender=sender, round=0, samples=40)
+
+
+def test_an_ensemble_crosses_the_wire_and_joins_the_bag():
+    a, b = _learner(0), _learner(1, seed=1)
+    a.train(10)
+    b.train(10)
+    message = _decoder(a).decode(_frames(b.offer({})))
+    assert message.tensors["index"].tolist() == [[1, 10, 40, b.held[1].raw.size]]
+    from p2pser.exchange.mixing import Contribution
+
+    a.mix(a.snapshot(), 1.0, [Contribution(1, 40.0, message.tensors)], None)
+    assert sorted(a.holdings().items()) == [(0, 10), (1, 10)] and len(a.bag()) == 2
+    assert a.evaluate()["test_ua"] > 0.6
+    # What a neighbour already holds is listed, not attached again.
+    again = b.offer(a.holdings())
+    assert again["ensembles"].size == 0 and again["index"][0, 3] == 0
+    assert BaggingLearner.advertised(again) == {1: 10}
+
+
+def _corrupt(raw: np.ndarray, change) -> np.ndarray:
+    doc = json.loads(bytes(raw))
+    change(doc)
+    return np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
+
+
+def _tree(doc):
+    return doc["learner"]["gradient_booster"]["model"]["trees"][0]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda d: _tree(d)["left_children"].__setitem__(0, 10_000), "children outside the tree"),
+    (lambda d: _tree(d)["split_indices"].__setitem__(0, 99), "splits on feature 99"),
+    (lambda d: d["learner"]["learner_model_param"].__setitem__("num_class", "4"), "4 classes, this run 3"),
+    (lambda d: d["learner"]["objective"].__setitem__("name", "reg:squarederror"), "objective"),
+    (lambda d: _tree(d)["base_weights"].__setitem__(0, "x"), "not a finite number"),
+    (lambda d: _tree(d)["parents"].pop(), "does not have"),
+])
+def test_a_malformed_ensemble_is_rejected_with_its_reason(change, reason):
+    a, b = _learner(0), _learner(1, seed=1)
+    b.train(5)
+    raw = _corrupt(b.held[1].raw, change)
+    state = {"index": np.array([[1, 5, 40, raw.size]], np.int64), "ensembles": raw}
+    with pytest.raises(CodecError, match=reason) as caught:
+        _decoder(a).decode(_frames(state))
+    assert caught.value.reason == "content" and "ensemble of peer 1" in str(caught.value)
+
+
+def test_garbage_and_inconsistent_indexes_are_rejected():
+    a = _learner(0)
+    garbage = np.frombuffer(b"\x00\xff not json", np.uint8)
+    cases = {
+        "not xgboost JSON": {"index": np.array([[1, 1, 40, garbage.size]], np.int64), "ensembles": garbage},
+        "attaches 5 bytes": {"index": np.array([[1, 1, 40, 5]], np.int64), "ensembles": garbage},
+        "origins repeat": {"index": np.array([[1, 1, 4, 0], [1, 2, 4, 0]], np.int64), "ensembles": garbage[:0]},
+    }
+    for reason, state in cases.items():
+        with pytest.raises(CodecError, match=reason):
+            _decoder(a).decode(_frames(state))
+    with pytest.raises(CodecError, match="template"):  # the shape of the index is fixed in its second axis
+        _decoder(a).decode(_frames({"index": np.zeros((1, 3), np.int64), "ensembles": garbage[:0]}))
+
+
+def test_checkpoint_restores_the_bag():
+    a, b = _learner(0), _learner(1, seed=1)
+    a.train(5)
+    restored = _learner(0)
+    restored.restore(a.checkpoint_state())
+    assert restored.holdings() == a.holdings() and restored.boosted == 5
+    np.testing.assert_allclose(restored.predict_proba(a.data.x_test), a.predict_proba(a.data.x_test))
+    assert b.train(100) == b.train(5)  # at total_trees no more boosting
+
+
+def test_xgb_runs_only_with_the_bagging_algorithm():
+    with pytest.raises(UserError, match="--algorithm bagging"):
+        RunConfig(model="xgb")
+    with pytest.raises(UserError, match="--algorithm bagging"):
+        RunConfig(algorithm="bagging")
+
+
+def test_xgb_by_bagging_in_simulate_reaches_every_peer_with_a_pooled_baseline(tmp_path, synth_corpus):
+    run = tmp_path / "sim"
+    result = p2pser("simulate", synth_corpus, "--peers", "4", "--topology", "ring", "--rounds", "2",
+                    "--final-mixing", "2", "--eval-every", "1", "--baseline", "centralized", "--out", run,
+                    "--cache-dir", tmp_path / "cache", *XGB, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["algorithm"] == "bagging" and summary["peers"] == 4
+    assert summary["ua_mean"] > 1 / N_CLASSES + 0.2 and summary["baseline_centralized_ua"] > 1 / N_CLASSES + 0.2
+    assert summary["bytes_sent_max_peer"] > 0
+    for k in range(4):
+        rows = [json.loads(line) for line in (run / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
+        # On a ring of 4 the farthest ensemble is two links away: all four arrive by the last round.
+        assert rows[0]["bag_size"] == 3 and rows[-1]["bag_size"] == 4, [r["bag_size"] for r in rows]
+        assert all(r["rejected"] == 0 for r in rows)
+        with np.load(run / f"peer-{k:03d}" / "ensembles.npz") as saved:
+            assert sorted(saved["index"][:, 0].tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus):
+    topo = topology_file(tmp_path, "ring", 2)
+    run = tmp_path / "run"
+    result = p2pser("launch", topo, synth_corpus, "--out", run, "--rounds", "2", "--final-mixing", "1",
+                    "--eval-every", "1", "--cache-dir", tmp_path / "cache", "--quiet", *XGB, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mode"] == "launch" and summary["ua_mean"] > 1 / N_CLASSES + 0.2
+    for k in range(2):
+        rows = [json.loads(line) for line in (run / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["bag_size"] == 2 and rows[-1]["bytes_sent"] > 0 and rows[-1]["rejected"] == 0
+        with np.load(run / f"peer-{k:03d}" / "ensembles.npz") as saved:
+            assert sorted(saved["index"][:, 0].tolist()) == [0, 1]
+            raw = saved["ensembles"][: saved["index"][0, 3]]
+            trees.from_wire(raw, n_features=240, n_classes=N_CLASSES)  # mfcc mean + std: 2 x 120 channels
+
+
+def test_mlp_reads_one_vector_per_utterance_or_frame_statistics():
+    import torch
+
+    from p2pser.learn.models import build_model
+
+    vectors = build_model("mlp", 88, 1, 7, seed=0)
+    assert vectors(torch.randn(4, 88, 1)).shape == (4, 7)
+    assert vectors.features[1].in_features == 88  # the functionals themselves, no time statistics
+    frames = build_model("mlp", 40, 100, 7, seed=0)
+    assert frames(torch.randn(4, 40, 100)).shape == (4, 7) and frames.features[1].in_features == 80

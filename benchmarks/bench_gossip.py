@@ -14,6 +14,8 @@ Parts (``--parts``, comma list; each rewrites only its own entry):
 - ``ring``: ring-20 simulated, with the bytes of the busiest peer; ``star``: fedavg on star-20.
 - ``ravdess-folds`` / ``emodb-folds``: every fold simulated with the defaults (RAVDESS 20 peers, EmoDB 8
   peers) against the pooled model's folds.
+  ``--folds``/``--no-pooled`` split them over processes (each with its own ``--name``); ``--parts combine
+  --combine NAME,...`` joins them.
 - ``ring8``: the synthetic corpus on topologies/ring-8.toml, 20 rounds, defaults: consensus distance of the
   first and the last round, and the spread of the peers' UA.
 
@@ -113,6 +115,19 @@ def ablation(work: Path, results: dict, only: list[str] | None = None) -> None:
         yield
 
 
+def summarize_folds(entry: dict, folds: int) -> None:
+    """The gap over folds, once every fold and the pooled model are in."""
+    if "pooled" not in entry or any(str(k) not in entry["folds"] for k in range(1, folds + 1)):
+        return
+    done = [entry["folds"][str(k)] for k in range(1, folds + 1)]
+    entry["ua_mean_over_folds"] = sum(d["ua_mean"] for d in done) / folds
+    entry["ua_min_over_folds"] = sum(d["ua_min"] for d in done) / folds
+    entry["gap_points"] = round(100 * (entry["pooled"]["ua"] - entry["ua_mean_over_folds"]), 2)
+    entry["gap_points_per_fold"] = {str(k): round(100 * (entry["pooled"]["per_fold"][k - 1]["ua"]
+                                                         - entry["folds"][str(k)]["ua_mean"]), 2)
+                                    for k in range(1, folds + 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="headline,baselines,ablation,ring,star,ring8")
@@ -120,6 +135,12 @@ def main() -> None:
     parser.add_argument("--base-port", type=int, default=47300)
     parser.add_argument("--name", default="gossip", help="results file name (parallel runs write apart)")
     parser.add_argument("--ablation-arms", default=None, help="';'-separated subset of the ablation's arms")
+    parser.add_argument("--folds", type=lambda text: [int(k) for k in text.split(",")], default=None,
+                        help="only these folds of ravdess-folds/emodb-folds (comma list), to split a part over "
+                             "processes, each with its own --name; join them with --parts combine")
+    parser.add_argument("--no-pooled", dest="pooled", action="store_false",
+                        help="ravdess-folds/emodb-folds without the pooled model (another process trains it)")
+    parser.add_argument("--combine", default="", help="for --parts combine: the results names to join")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.name}.json"
@@ -147,13 +168,28 @@ def main() -> None:
         elif part in ("ravdess-folds", "emodb-folds"):
             corpus, folds = (RAVDESS, 6) if part == "ravdess-folds" else (EMODB, 5)
             entry = results.setdefault(part, {"folds": {}})
-            entry["pooled"] = train(args.work, f"{part}-pooled", corpus, "--fold", "all")
-            for k in range(1, folds + 1):
+            if args.pooled:
+                entry["pooled"] = train(args.work, f"{part}-pooled", corpus, "--fold", "all")
+                save()
+            for k in (args.folds or range(1, folds + 1)):
                 entry["folds"][str(k)] = simulate(args.work, f"{part}-{k}", corpus, "--fold", str(k))
                 save()
-            done = [entry["folds"][str(k)] for k in range(1, folds + 1)]
-            entry["ua_mean_over_folds"] = sum(d["ua_mean"] for d in done) / folds
-            entry["gap_points"] = round(100 * (entry["pooled"]["ua"] - entry["ua_mean_over_folds"]), 2)
+            summarize_folds(entry, folds)
+        elif part == "combine":
+            # Runs split over processes (--folds, --no-pooled, each its own --name) joined into this file.
+            for name in args.combine.split(","):
+                other = json.loads((RESULTS / f"{name}.json").read_text())
+                for key in ("ravdess-folds", "emodb-folds"):
+                    if key in other:
+                        entry = results.setdefault(key, {"folds": {}})
+                        entry["folds"].update(other[key]["folds"])
+                        entry.setdefault("parts", []).append({"name": name, "commit": other.get("commit"),
+                                                              "command": other.get("command")})
+                        if "pooled" in other[key]:
+                            entry["pooled"] = other[key]["pooled"]
+            for key, folds in (("ravdess-folds", 6), ("emodb-folds", 5)):
+                if key in results:
+                    summarize_folds(results[key], folds)
         elif part == "ring8":
             synth = args.work / "synth"
             if not (synth / "folds.json").exists():

@@ -179,7 +179,8 @@ class BaggingLearner:
             for origin, version, samples, size in index.tolist():
                 raw = blob[at:at + size]
                 at += size
-                if not size or origin == self.id or self.held.get(origin, Member(0, 0, raw, None)).version >= version:
+                held = self.held.get(origin)
+                if not size or origin == self.id or (held is not None and held.version >= version):
                     continue
                 booster = trees.from_wire(raw, n_features=self.n_features, n_classes=self.n_classes)
                 self.held[origin] = Member(version, samples, np.array(raw, dtype=np.uint8), booster)

@@ -39,7 +39,13 @@ State = Mapping[str, np.ndarray]
 
 class Learner(Protocol):
     """What a peer learns with. ``State`` is what crosses the wire: named numpy arrays whose names, shapes
-    and dtypes (``template``) every received message is checked against."""
+    and dtypes (``template``) every received message is checked against.
+
+    Two optional members serve learners whose state is not a point of one parameter space
+    (``p2pser.learn.bagging.BaggingLearner``, tree ensembles): ``averageable = False`` (no consensus distance,
+    no average model) and ``check(state)``, which the codec calls on every received state after its own
+    checks and which raises ``ValueError`` with the reason for content it refuses. A template dimension of
+    ``None`` accepts any size (bytes of varying length)."""
 
     task: Task
     samples: int  # training examples: the weight of this learner in sample-weighted averages (fedavg)

@@ -198,9 +198,7 @@ class TorchLearner:
         return self.data.moments()
 
     def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        channels = self.data.x_train.shape[1]
-        f64 = np.dtype(np.float64)
-        return {"count": ((1,), f64), "sum": ((channels,), f64), "sumsq": ((channels,), f64)}
+        return self.data.moments_template()
 
     def adopt_moments(self, moments: State) -> None:
         self.data.adopt(Normalizer.from_moments(dict(moments)))

@@ -13,7 +13,8 @@ with a version that grows as the origin boosts more trees:
 
 A row with 0 bytes says "I hold this version" without sending it: the algorithm (``bagging`` in
 ``p2pser.exchange.algorithms``) attaches only what a neighbour has not said it holds, so every version of
-every ensemble crosses each link about once, and relaying brings every peer every ensemble within the
+every version of an ensemble crosses each link at most once in each direction (both ways only when both
+ends got it in the same round and listed it too late for the other), and relaying brings every peer every ensemble within the
 topology's diameter. ``check`` validates a received state before it is filed (the codec calls it), so a
 malformed ensemble is rejected with a reason and never reaches xgboost's parser unchecked.
 """

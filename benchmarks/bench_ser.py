@@ -10,6 +10,7 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
 ``folds``   one model x features on every fold of a corpus (the targets: RAVDESS 6-fold, EmoDB 5-fold).
 ``gossip``  xgb by bagging in the simulator (8 peers, one per training speaker of EmoDB fold 1, exponential
             graph) beside the pooled xgb of the same run; ensemble bytes per peer.
+``bagging-rule``  how a peer combines ensembles and how many trees it boosts, chosen on validation data.
 ``speed``   extraction speed of each feature kind on EmoDB: seconds of audio per CPU-second cold (a fresh
             cache, one process) and utterances per second warm.
 
@@ -126,6 +127,49 @@ def gossip(args) -> None:
     write_results(f"ser-gossip-{args.features}", results | provenance(sys.argv))
 
 
+def bagging_rule(args) -> None:
+    """How a peer should combine ensembles, chosen on validation data only: one xgb per training speaker of
+    EmoDB fold 1 (as 8 peers hold them), combined by the sample-weighted mean of probabilities, of margins
+    or of log-probabilities, for 50 and 200 boosting rounds, scored on 15% of the training speakers'
+    utterances held out (two hold-out seeds)."""
+    import numpy as np
+    import xgboost as xgb
+
+    from p2pser.features.normalize import standardize_by_speaker
+    from p2pser.learn import trees
+    from p2pser.learn.metrics import classification_report
+
+    pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=args.features), progress=False)
+    fs = pooled.features
+    rows = []
+    for n_trees in (50, 200):
+        scores: dict[str, list[float]] = {}
+        for seed in (0, 1):
+            split = pooled.split(1, val_fraction=VAL_FRACTION, seed=seed)
+            own = np.concatenate([split.train, split.val])
+            x = np.zeros_like(fs.x)
+            x[own] = standardize_by_speaker(fs.x[own], fs.lengths[own], fs.speakers[own])
+            v = trees.utterance_vectors(x)
+            models = []
+            for speaker in sorted(set(fs.speakers[split.train])):
+                mine = split.train[fs.speakers[split.train] == speaker]
+                models.append((len(mine), trees.boost(v[mine], fs.labels[mine], len(pooled.classes), n_trees,
+                                                      seed=0)))
+            data, total = xgb.DMatrix(v[split.val]), sum(n for n, _ in models)
+            combined = {
+                "probabilities": sum(n / total * m.predict(data) for n, m in models),
+                "margins": sum(n / total * m.predict(data, output_margin=True) for n, m in models),
+                "log_probabilities": sum(n / total * np.log(np.maximum(m.predict(data), 1e-9)) for n, m in models),
+            }
+            for rule, score in combined.items():
+                ua = classification_report(fs.labels[split.val], score.argmax(1), pooled.classes)["ua"]
+                scores.setdefault(rule, []).append(ua)
+        rows.append({"trees": n_trees, **{rule: round(float(np.mean(v)), 4) for rule, v in scores.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    write_results(f"ser-bagging-rule-{args.features}", {"corpus": "emodb", "fold": 1, "val_fraction": VAL_FRACTION,
+                                                         "validation_ua": rows} | provenance(sys.argv))
+
+
 def speed(args) -> None:
     from p2pser.audio.corpora import load_corpus
 
@@ -191,7 +235,7 @@ def table(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table"))
+    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule"))
     parser.add_argument("--corpus", default="emodb")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", default="egemaps")
@@ -203,7 +247,9 @@ def main() -> None:
     args = parser.parse_args()
     ensure_numba_cache()
     pin_threads(1)
-    {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table}[args.part](args)
+    parts = {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table,
+             "bagging-rule": bagging_rule}
+    parts[args.part](args)
 
 
 if __name__ == "__main__":

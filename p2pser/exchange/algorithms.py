@@ -239,8 +239,8 @@ def bagging(peer: Peer, start_round: int = 0) -> Algorithm:
 
     Each message lists everything the sender holds; ``algorithm_state["known"]`` keeps, per neighbour, the
     versions it listed plus those we attached for it in the same round, and an ensemble is attached only
-    when we hold a newer one than that, so a version crosses each link once (a lost one is attached again
-    a round later, when the neighbour's list shows it missing).
+    when we hold a newer one than that, so a version crosses each link at most once in each direction (a
+    lost one is attached again a round later, when the neighbour's list shows it missing).
     """
     cfg = peer.config
     learner = peer.learner

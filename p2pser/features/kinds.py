@@ -147,7 +147,8 @@ _EGEMAPS, _COMPARE = "eGeMAPSv02", "ComParE_2016"
 _CHANNELS = {(_EGEMAPS, "Functionals"): 88, (_EGEMAPS, "LowLevelDescriptors"): 25,
              (_COMPARE, "Functionals"): 6373, (_COMPARE, "LowLevelDescriptors"): 65}
 # Pitch and voicing from ComParE's LLDs: its SHS pitch tracker with Viterbi smoothing runs at ~40 s of audio
-# per CPU-second; librosa's pyin at 0.3 (BENCHMARKS.md, "openSMILE features"), too slow for a corpus.
+# per CPU-second; librosa's pyin at 0.8 (BENCHMARKS.md, issue 14 "Feature extraction speed"), too slow for a
+# corpus.
 _PITCH_COLUMNS = ("F0final_sma", "voicingFinalUnclipped_sma", "pcm_RMSenergy_sma")
 _SEMITONE_REF_HZ = 27.5  # eGeMAPS's reference: A0, so semitones are positive for any voice
 

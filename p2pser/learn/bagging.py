@@ -13,7 +13,8 @@ with a version that grows as the origin boosts more trees:
 
 A row with 0 bytes says "I hold this version" without sending it: the algorithm (``bagging`` in
 ``p2pser.exchange.algorithms``) attaches only what a neighbour has not said it holds, so every version of
-every ensemble crosses each link about once, and relaying brings every peer every ensemble within the
+every version of an ensemble crosses each link at most once in each direction (both ways only when both
+ends got it in the same round and listed it too late for the other), and relaying brings every peer every ensemble within the
 topology's diameter. ``check`` validates a received state before it is filed (the codec calls it), so a
 malformed ensemble is rejected with a reason and never reaches xgboost's parser unchecked.
 """
@@ -179,7 +180,8 @@ class BaggingLearner:
             for origin, version, samples, size in index.tolist():
                 raw = blob[at:at + size]
                 at += size
-                if not size or origin == self.id or self.held.get(origin, Member(0, 0, raw, None)).version >= version:
+                held = self.held.get(origin)
+                if not size or origin == self.id or (held is not None and held.version >= version):
                     continue
                 booster = trees.from_wire(raw, n_features=self.n_features, n_classes=self.n_classes)
                 self.held[origin] = Member(version, samples, np.array(raw, dtype=np.uint8), booster)
@@ -192,9 +194,7 @@ class BaggingLearner:
         return self.data.moments()
 
     def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        channels = self.data.x_train.shape[1]
-        f64 = np.dtype(np.float64)
-        return {"count": ((1,), f64), "sum": ((channels,), f64), "sumsq": ((channels,), f64)}
+        return self.data.moments_template()
 
     def adopt_moments(self, moments: State) -> None:
         self.data.adopt(Normalizer.from_moments(dict(moments)))

@@ -80,6 +80,11 @@ class PeerData:
             raise ValueError("only a peer in the global normaliser mode keeps its raw features")
         return moments(self.raw[0], self.raw[1])
 
+    def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Names, shapes and dtypes of ``moments`` (what the codec checks statistics messages against)."""
+        channels, f64 = self.x_train.shape[1], np.dtype(np.float64)
+        return {"count": ((1,), f64), "sum": ((channels,), f64), "sumsq": ((channels,), f64)}
+
     def adopt(self, normalizer: Normalizer) -> None:
         """Standardise with ``normalizer`` (the agreed global statistics) from now on."""
         if self.raw is None:

@@ -39,7 +39,13 @@ State = Mapping[str, np.ndarray]
 
 class Learner(Protocol):
     """What a peer learns with. ``State`` is what crosses the wire: named numpy arrays whose names, shapes
-    and dtypes (``template``) every received message is checked against."""
+    and dtypes (``template``) every received message is checked against.
+
+    Two optional members serve learners whose state is not a point of one parameter space
+    (``p2pser.learn.bagging.BaggingLearner``, tree ensembles): ``averageable = False`` (no consensus distance,
+    no average model) and ``check(state)``, which the codec calls on every received state after its own
+    checks and which raises ``ValueError`` with the reason for content it refuses. A template dimension of
+    ``None`` accepts any size (bytes of varying length)."""
 
     task: Task
     samples: int  # training examples: the weight of this learner in sample-weighted averages (fedavg)
@@ -192,9 +198,7 @@ class TorchLearner:
         return self.data.moments()
 
     def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        channels = self.data.x_train.shape[1]
-        f64 = np.dtype(np.float64)
-        return {"count": ((1,), f64), "sum": ((channels,), f64), "sumsq": ((channels,), f64)}
+        return self.data.moments_template()
 
     def adopt_moments(self, moments: State) -> None:
         self.data.adopt(Normalizer.from_moments(dict(moments)))

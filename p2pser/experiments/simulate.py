@@ -14,7 +14,9 @@ import numpy as np
 
 from p2pser.carriers.faults import FaultPlan
 from p2pser.carriers.simulated import Simulator
+from p2pser.carriers.workers import RemoteLearner, WorkerPool, default_workers
 from p2pser.config import RunConfig
+from p2pser.errors import UserError
 from p2pser.exchange.attacks import attacking_peers
 from p2pser.exchange.peer import build_peer
 from p2pser.exchange.topology import Topology
@@ -25,8 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunConfig, faults: FaultPlan,
-                 out_dir: Path, *, features=None, row_of=None, progress: bool = False) -> dict:
-    """One simulated run into ``out_dir``; ``features`` may be passed in to share them across a sweep."""
+                 out_dir: Path, *, features=None, row_of=None, progress: bool = False, workers: int = 1) -> dict:
+    """One simulated run into ``out_dir``; ``features`` may be passed in to share them across a sweep.
+
+    ``workers`` > 1 puts the peers' learners into that many processes (``p2pser.carriers.workers``; 0: one
+    per core): training runs in parallel, and the metrics are the same as with one process."""
     from p2pser.report.average_model import AverageModelTracker
     from p2pser.report.summary import report_run
 
@@ -36,29 +41,46 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         needed = np.unique(np.concatenate([*plan.peers, plan.test]))
         features, row_of = extract_for(plan, needed, cfg, progress=False)
     test = test_set(features, row_of, plan, cfg.normalizer)
-    peers = [build_peer(plan, topology, k, cfg, features, row_of, test) for k in range(topology.n)]
-    tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes)
-    sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress, on_record=tracker.add)
-    t0 = time.perf_counter()
-    sim.run()
-    loop_s = time.perf_counter() - t0
-    training_s = sum(p.learner.timings["train"] + p.learner.timings["eval"] for p in peers)
-    for p in peers:
-        folder = peer_dir(out_dir, p.id)
-        p.save_outputs(folder)
-        alive = sim.sim[p.id].alive
-        if alive:
-            sim.sim[p.id].checkpointer.save()  # as a real peer does at exit
-        state = "done" if alive else "crashed"
-        write_json_atomic(folder / STATUS, {"peer": p.id, "state": state})
+    if workers < 0:
+        raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
+    workers = min(workers or default_workers(), topology.n)
+    pool = None
+    if workers > 1:
+        pool = WorkerPool(workers, topology.n,
+                          lambda k: build_peer(plan, topology, k, cfg, features, row_of, test).learner)
+    try:
+        peers = [build_peer(plan, topology, k, cfg, features, row_of, test,
+                            learner=None if pool is None else RemoteLearner(pool, k)) for k in range(topology.n)]
+        tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes)
+        sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress, on_record=tracker.add)
+        t0 = time.perf_counter()
+        sim.run()
+        if pool is not None:
+            pool.sync()
+        loop_s = time.perf_counter() - t0
+        training_s = sum(p.learner.timings["train"] + p.learner.timings["eval"] for p in peers)
+        for p in peers:
+            folder = peer_dir(out_dir, p.id)
+            p.save_outputs(folder)
+            alive = sim.sim[p.id].alive
+            if alive:
+                sim.sim[p.id].checkpointer.save()  # as a real peer does at exit
+            state = "done" if alive else "crashed"
+            write_json_atomic(folder / STATUS, {"peer": p.id, "state": state})
+        average_model = tracker.scores()
+    finally:
+        if pool is not None:
+            pool.close()
+    # With workers, training and evaluation run beside the event loop: their sum over peers can exceed it.
     base = {
         "mode": "simulate", "algorithm": cfg.algorithm, "topology": topology_name, "model": cfg.model,
         "features": cfg.features, "fold": cfg.fold, "seed": cfg.seed, "crashed_peers": [],
         "virtual_time_s": round(sim.now, 3),
         # Share of the simulation's own time spent outside local training and evaluation: mixing,
         # encoding, decoding, the event loop and bookkeeping.
-        "overhead_fraction": round(max(loop_s - training_s, 0.0) / max(loop_s, 1e-9), 4),
+        "overhead_fraction": round(max(loop_s - training_s / workers, 0.0) / max(loop_s, 1e-9), 4),
+        "workers": workers,
     }
     return report_run(out_dir, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,
-                      average_model_per_round=tracker.scores(),
+                      average_model_per_round=average_model,
                      attackers=attacking_peers(cfg))

@@ -190,7 +190,10 @@ class WorkerPool:
             if data is None:
                 raise WorkerError(f"learner worker {w} (pid {self._procs[w].pid}) exited unexpectedly")
             ok, value = pickle.loads(data)
-            self._pending[w].popleft()._set(ok, value)
+            done = self._pending[w].popleft()
+            done._set(ok, value)
+            if not ok:  # raised now even if it was a deferred call nobody waits for
+                raise WorkerError(value)
 
     def sync(self) -> None:
         """Wait for every call made so far (surfacing a deferred call's error)."""

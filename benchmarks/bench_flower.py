@@ -102,7 +102,7 @@ def run_flower(model: str, lr: float | None, out: Path) -> None:
     from p2pser.runtime import pin_threads
 
     pin_threads(1)
-    cfg, topology, plan, features, row_of, test = _setup(model, lr)
+    cfg, topology, plan, _, _, test = _setup(model, lr)
     x_test, y_test, _ = test
     names = list(_learner(0, model, lr).template)  # the shared parameters' names, in the learner's order
     initial = [v for v in _learner(0, model, lr).snapshot().values()]

@@ -91,7 +91,7 @@ def test_cached_scores_are_predict_scores_bit_for_bit(name):
 
 
 def test_svm_training_on_functionals_computed_once_is_bit_identical(setup):
-    cfg, plan, features, row_of = setup
+    cfg, _, features, _ = setup
     rows = np.arange(40)
     x, y = features.x[rows], features.labels[rows] % 4
     recipe = train_config(cfg)

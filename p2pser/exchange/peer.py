@@ -147,7 +147,7 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
             speakers=features.speakers,
         )
         learner = make_learner(data, cfg, peer_id)
-    w = metropolis_hastings_weights(topology)
+    w = _mixing_weights(topology)
     neighbours = topology.neighbours(peer_id)
     # A peer's samples are its training files less validation and skipped ones: never more than its share.
     most = max(len(files) for files in plan.peers)
@@ -156,3 +156,15 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
     if cfg.normalizer == "global":
         peer.statistics_rounds = rounds_to_agree(topology, cfg.stats_tolerance)
     return peer
+
+
+_weights: tuple[Topology, np.ndarray] | None = None
+
+
+def _mixing_weights(topology: Topology) -> np.ndarray:
+    """The topology's Metropolis-Hastings matrix, computed once for all the peers a simulation builds (an
+    N x N matrix per peer made building 1,000 peers quadratic in memory traffic)."""
+    global _weights
+    if _weights is None or _weights[0] is not topology:
+        _weights = (topology, metropolis_hastings_weights(topology))
+    return _weights[1]

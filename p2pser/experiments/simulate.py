@@ -80,6 +80,7 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         # encoding, decoding, the event loop and bookkeeping.
         "overhead_fraction": round(max(loop_s - training_s / workers, 0.0) / max(loop_s, 1e-9), 4),
         "workers": workers,
+        "loop_s": round(loop_s, 3),  # wall seconds of the simulation itself (no set-up, no report)
     }
     return report_run(out_dir, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,
                       average_model_per_round=average_model,

@@ -26,6 +26,20 @@ from p2pser.report.run_folder import STATUS, peer_dir, write_json_atomic
 log = logging.getLogger(__name__)
 
 
+# Below this many parameters a peer's round of work is a few milliseconds, about what forwarding its learner's
+# calls to another process costs (measured: svm, 1,928 parameters, runs slower with two learner processes
+# than with one; cnn1d-shallow, 81,800, faster).
+SMALL_MODEL = 20_000
+
+
+def _auto_workers(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> int:
+    """``--workers 0``: one learner process per core, or none for models too small to gain from it."""
+    from p2pser.learn.models import build_model, count_parameters
+
+    small = count_parameters(build_model(cfg.model, input_shape[1], input_shape[2], n_classes)) < SMALL_MODEL
+    return 1 if small else default_workers()
+
+
 def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunConfig, faults: FaultPlan,
                  out_dir: Path, *, features=None, row_of=None, progress: bool = False, workers: int = 1) -> dict:
     """One simulated run into ``out_dir``; ``features`` may be passed in to share them across a sweep.
@@ -43,7 +57,7 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     test = test_set(features, row_of, plan, cfg.normalizer)
     if workers < 0:
         raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
-    workers = min(workers or default_workers(), topology.n)
+    workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes)), topology.n)
     pool = None
     if workers > 1:
         pool = WorkerPool(workers, topology.n,

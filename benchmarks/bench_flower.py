@@ -88,10 +88,37 @@ def _learner(k: int, model: str, lr: float | None):
     return _STATE["learners"][k]
 
 
+def _pack(state: dict) -> bytes:
+    """A learner's checkpoint state as bytes (p2pser's checkpoint format: arrays and a JSON tree)."""
+    import io
+
+    import numpy as np
+
+    from p2pser.exchange.checkpoint import _flatten
+
+    arrays: dict = {}
+    tree = _flatten(state, arrays)
+    arrays["__tree__"] = np.frombuffer(json.dumps(tree).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes) -> dict:
+    import io
+
+    import numpy as np
+
+    from p2pser.exchange.checkpoint import _unflatten
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return _unflatten(json.loads(bytes(archive["__tree__"]).decode()), archive)
+
+
 def run_flower(model: str, lr: float | None, out: Path) -> None:
     import numpy as np
     from flwr.client import ClientApp, NumPyClient
-    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.common import ConfigRecord, Context, ndarrays_to_parameters
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.server.strategy import FedAvg
     from flwr.simulation import run_simulation
@@ -113,17 +140,23 @@ def run_flower(model: str, lr: float | None, out: Path) -> None:
     t_start = time.monotonic()
 
     class Client(NumPyClient):
-        def __init__(self, k: int) -> None:
-            self.k = k
+        def __init__(self, k: int, state) -> None:
+            self.k, self.state = k, state
 
         def fit(self, parameters, config):
+            # Ray may run a node on another worker than last round: the learner's state (optimiser, schedule
+            # step, shuffling and random state) travels with the node in its Flower context, as Flower's
+            # stateful clients do, so every node trains exactly as a p2pser peer that keeps its learner.
             learner = _learner(self.k, model, lr)
+            if "learner" in self.state:
+                learner.restore(_unpack(self.state["learner"]["checkpoint"]))
             learner.load(dict(zip(names, parameters, strict=True)))
             loss = learner.train(LOCAL_STEPS)
+            self.state["learner"] = ConfigRecord({"checkpoint": _pack(learner.checkpoint_state())})
             return list(learner.snapshot().values()), learner.samples, {"loss": float(loss)}
 
     def client_fn(context: Context):
-        return Client(int(context.node_config["partition-id"])).to_client()
+        return Client(int(context.node_config["partition-id"]), context.state).to_client()
 
     def evaluate_fn(server_round: int, parameters, config):
         import torch

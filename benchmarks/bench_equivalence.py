@@ -32,10 +32,14 @@ CASES = {
     "faults (svm, 10% loss, churn, trimmed mean)": [
         "--rounds", "12", "--eval-every", "3", "--model", "svm", "--drop", "0.1", "--churn", "3@4-8",
         "--mixing", "trimmed"],
+    "fedavg, svm, local normaliser, test every round": [
+        "--rounds", "8", "--eval-every", "1", "--algorithm", "fedavg", "--topology", "star", "--model", "svm",
+        "--normalizer", "local"],
 }
 
 
 def simulate(source: Path, corpus: Path, out: Path, args: list[str], env: dict) -> None:
+    """``args`` may end with options only the working tree knows (``--workers``)."""
     cmd = [sys.executable, "-m", "p2pser", "simulate", str(corpus), *COMMON, *args, "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=source, env=dict(env, PYTHONPATH=str(source)),
                    stdout=subprocess.DEVNULL)
@@ -71,6 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the commit to compare against")
     parser.add_argument("--speakers", type=int, default=16)
+    parser.add_argument("--workers", default=None,
+                        help="comma list: run the working tree once per number of learner processes (simulate "
+                             "--workers N), each compared with the single run at --base")
+    parser.add_argument("--name", default="equivalence", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     base_rev = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -86,17 +94,23 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "p2pser", "data", "synth", str(corpus), "--speakers",
                             str(args.speakers)], check=True, cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)),
                            stdout=subprocess.DEVNULL)
+            variants = [[]] if args.workers is None else [["--workers", w] for w in args.workers.split(",")]
             for i, (name, case) in enumerate(CASES.items()):
                 t0 = time.monotonic()
                 simulate(base, corpus, tmp / f"before-{i}", case, env)
-                simulate(ROOT, corpus, tmp / f"after-{i}", case, env)
-                results["cases"][name] = compare(tmp / f"before-{i}", tmp / f"after-{i}") | {
-                    "args": COMMON + case, "wall_s": round(time.monotonic() - t0, 1)}
-                print(f"{name}: {'identical' if results['cases'][name]['identical'] else 'DIFFERENT'}",
-                      flush=True)
+                for j, extra in enumerate(variants):
+                    label = name if not extra else f"{name}, workers {extra[1]}"
+                    t1 = time.monotonic()
+                    simulate(ROOT, corpus, tmp / f"after-{i}-{j}", case + extra, env)
+                    results["cases"][label] = compare(tmp / f"before-{i}", tmp / f"after-{i}-{j}") | {
+                        "args": COMMON + case + extra, "wall_s": round(time.monotonic() - t0, 1),
+                        "after_wall_s": round(time.monotonic() - t1, 1)}
+                    t0 = time.monotonic()
+                    print(f"{label}: {'identical' if results['cases'][label]['identical'] else 'DIFFERENT'}",
+                          flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
-    write_results("equivalence", provenance(sys.argv) | results)
+    write_results(args.name, provenance(sys.argv) | results)
 
 
 if __name__ == "__main__":

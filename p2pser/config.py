@@ -324,6 +324,11 @@ class SimConfig:
     baseline: str | None = field(
         default=None, **_opt("also train a baseline on pooled data in the same run", choices=("centralized",))
     )
+    workers: int = field(
+        default=0, **_opt("processes holding the peers' learners, trained in parallel (0: one per core, or 1 for "
+                          "models under 20,000 parameters; 1: all in this process); the same seed gives the same "
+                          "results with any number")
+    )
 
 
 def train_config(cfg: RunConfig, **extra: Any):

@@ -65,7 +65,10 @@ class _StopRule:
 
 def _row(peer: Peer, round_: int, loss: float | None, distance: float | None, heard: Sequence[int]) -> dict:
     cfg = peer.config
-    row = {"peer": peer.id, "round": round_, "loss": loss, "consensus_distance": distance, "heard": len(heard)}
+    # float(): the simulator's learners in worker processes return the loss as a pending value
+    # (``p2pser.carriers.workers``), read here, long after the training it comes from has finished.
+    row = {"peer": peer.id, "round": round_, "loss": None if loss is None else float(loss),
+           "consensus_distance": distance, "heard": len(heard)}
     if (round_ + 1) % cfg.eval_every == 0 or round_ + 1 == schedule_length(cfg):
         row.update(peer.evaluate())
     return row

@@ -138,27 +138,42 @@ def make_learner(data: PeerData, cfg: RunConfig, peer_id: int) -> Learner:
 
 
 def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features, row_of: dict[int, int],
-               test: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Peer:
+               test: tuple[np.ndarray, np.ndarray, np.ndarray], *, learner: Learner | None = None) -> Peer:
     """The one way a peer is assembled, shared by real processes and the simulator.
 
     ``test`` is the fold's test set (x, y, lengths; ``test_set``), passed in so that simulated peers share
-    one copy.
+    one copy. ``learner``: one built elsewhere by this function (the simulator's learner worker processes,
+    ``p2pser.carriers.workers``) instead of a new one.
     """
     own = rows(row_of, plan.peers[peer_id])
     if len(own) == 0:
         raise UserError(f"peer {peer_id} has no usable training audio: all {len(plan.peers[peer_id])} of its "
                         "files were skipped (reasons above); fix or remove them, or use fewer peers")
-    data = PeerData.from_arrays(
-        features.x, features.labels, features.lengths, own, test, plan.classes,
-        val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id, mode=cfg.normalizer,
-        speakers=features.speakers,
-    )
-    w = metropolis_hastings_weights(topology)
+    if learner is None:
+        data = PeerData.from_arrays(
+            features.x, features.labels, features.lengths, own, test, plan.classes,
+            val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id, mode=cfg.normalizer,
+            speakers=features.speakers,
+        )
+        learner = make_learner(data, cfg, peer_id)
+    w = _mixing_weights(topology)
     neighbours = topology.neighbours(peer_id)
     # A peer's samples are its training files less validation and skipped ones: never more than its share.
     most = max(len(files) for files in plan.peers)
-    peer = Peer(peer_id, neighbours, make_learner(data, cfg, peer_id), cfg,
+    peer = Peer(peer_id, neighbours, learner, cfg,
                 mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]}, max_samples=most)
     if cfg.normalizer == "global":
         peer.statistics_rounds = rounds_to_agree(topology, cfg.stats_tolerance)
     return peer
+
+
+_weights: tuple[Topology, np.ndarray] | None = None
+
+
+def _mixing_weights(topology: Topology) -> np.ndarray:
+    """The topology's Metropolis-Hastings matrix, computed once for all the peers a simulation builds (an
+    N x N matrix per peer made building 1,000 peers quadratic in memory traffic)."""
+    global _weights
+    if _weights is None or _weights[0] is not topology:
+        _weights = (topology, metropolis_hastings_weights(topology))
+    return _weights[1]

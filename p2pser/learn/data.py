@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,10 +70,13 @@ class PeerData:
                    x_val=normalizer.apply(x[val], lengths[val]), normalizer=normalizer, raw=raw, **common)
 
     def test_inputs(self) -> np.ndarray:
-        """The test set as this peer's model sees it."""
+        """The test set as this peer's model sees it. In the ``local`` and ``global`` modes it is standardised
+        with the peer's statistics; the result is shared by every peer whose statistics are the same values
+        and kept for as long as the memory budget allows (``_standardised``), instead of standardising the
+        whole test set again at every evaluation."""
         if self.mode == "speaker":
             return self.x_test
-        return self.normalizer.apply(self.x_test, self.lengths_test)
+        return _standardised(self.x_test, self.lengths_test, self.normalizer)
 
     def moments(self) -> dict[str, np.ndarray]:
         """Frame count, sum and sum of squares of the raw training features (``global`` mode)."""
@@ -94,3 +98,26 @@ class PeerData:
         self.x_train = normalizer.apply(x_train, lengths_train)
         self.x_val = normalizer.apply(x_val, lengths_val)
         self.raw = None
+
+
+# Standardised copies of a test set by (test set, statistics), least recently used first out, within a
+# memory budget: the copies of a few dozen peers are reused round after round; with more peers than fit,
+# each evaluation standardises again, as it always did (and at most the budget is held).
+STANDARDISED_BUDGET = 1 << 30
+_copies: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+
+
+def _standardised(x: np.ndarray, lengths: np.ndarray, normalizer: Normalizer) -> np.ndarray:
+    key = (id(x), id(lengths), normalizer.mean.tobytes(), normalizer.std.tobytes())
+    hit = _copies.get(key)
+    if hit is not None:
+        _copies.move_to_end(key)
+        return hit[2]
+    out = normalizer.apply(x, lengths)
+    if out.nbytes <= STANDARDISED_BUDGET // 4:
+        # Shared by every peer with these statistics: read-only by contract, like the test set itself.
+        # The entry holds x and lengths, so their ids cannot be reused by other arrays while it lives.
+        _copies[key] = (x, lengths, out)
+        while sum(v[2].nbytes for v in _copies.values()) > STANDARDISED_BUDGET:
+            _copies.popitem(last=False)
+    return out

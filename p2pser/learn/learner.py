@@ -28,10 +28,11 @@ import torch
 
 from p2pser.features.normalize import Normalizer
 from p2pser.files import write_atomically
+from p2pser.learn import evaluation
 from p2pser.learn.data import PeerData
 from p2pser.learn.models import build_model
 from p2pser.learn.tasks import Task
-from p2pser.learn.trainer import LocalTrainer, TrainConfig, predict_scores
+from p2pser.learn.trainer import LocalTrainer, TrainConfig
 from p2pser.report.run_folder import MODEL, NORMALIZER, write_json_atomic
 
 State = Mapping[str, np.ndarray]
@@ -157,10 +158,10 @@ class TorchLearner:
         data, task = self.data, self.task
         row: dict[str, float] = {}
         if len(data.y_val):
-            row[task.val_key()] = task.score(data.y_val, predict_scores(self.model, data.x_val),
+            row[task.val_key()] = task.score(data.y_val, evaluation.scores(self.model, data.x_val),
                                              data.classes)[task.primary]
         if len(data.y_test):
-            report = task.score(data.y_test, predict_scores(self.model, data.test_inputs()), data.classes)
+            report = task.score(data.y_test, evaluation.scores(self.model, data.test_inputs()), data.classes)
             row.update(task.test_row(report))
         self.timings["eval"] += time.perf_counter() - t0
         return row

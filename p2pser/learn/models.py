@@ -89,10 +89,19 @@ class LinearSVM(nn.Module):
         self.in_channels = in_channels
         self.fc = nn.Linear(2 * in_channels, n_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fixed_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The parameter-free front of the model, ``[B, C, T] -> [B, 2C]``: an utterance's functionals never
+        change while the model learns, so callers may compute them once (``p2pser.learn.evaluation``). Each
+        row depends on its own utterance alone, bit for bit, whatever else is in the batch."""
         stats = _stats_pool(x, frame_mask(x))
         mean, std = stats[:, : self.in_channels], stats[:, self.in_channels :]
-        return self.fc(torch.cat([mean, std.log()], dim=1))
+        return torch.cat([mean, std.log()], dim=1)
+
+    def from_features(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_features(self.fixed_features(x))
 
 
 def _conv1d_block(cin: int, cout: int, kernel: int, pool: bool) -> nn.Sequential:

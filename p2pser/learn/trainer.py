@@ -177,6 +177,7 @@ class LocalTrainer:
         self.n_classes = n_classes
         self.loss_kind = getattr(model, "loss_kind", "ce")
         self._x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self._fixed = self._fixed_features()
         self._y = torch.from_numpy(y.astype(np.int64))
         self._n = int(y.shape[0])
         self._batch = min(cfg.batch_size, self._n)
@@ -210,6 +211,20 @@ class LocalTrainer:
         if x.shape[0] != self._n:
             raise ValueError(f"new inputs have {x.shape[0]} rows, the trainer has {self._n}")
         self._x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self._fixed = self._fixed_features()
+
+    def _fixed_features(self) -> torch.Tensor | None:
+        """Every training utterance's features through the model's parameter-free front (the linear SVM's
+        functionals), computed once instead of at every step, when nothing random changes the inputs
+        between steps (no augmentation, no mixup, so no random numbers are drawn for them either). Each row
+        is bit-identical to what the step would compute on its batch; None for other models and recipes."""
+        cfg = self.cfg
+        if not (hasattr(self.model, "fixed_features") and hasattr(self.model, "from_features")):
+            return None
+        if cfg.time_shift > 0 or cfg.specaugment or cfg.mixup_alpha > 0:
+            return None
+        with torch.no_grad():
+            return torch.cat([self.model.fixed_features(self._x[i : i + 256]) for i in range(0, len(self._x), 256)])
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based) under the configured schedule."""
@@ -238,6 +253,8 @@ class LocalTrainer:
 
     def _one_step(self) -> float:
         idx = torch.from_numpy(self._next_batch())
+        if self._fixed is not None:
+            return self._finish_step(self.model.from_features(self._fixed[idx]), self._y[idx])
         xb, yb = augment(self._x[idx], self.cfg), self._y[idx]
         lam = 1.0
         if self.cfg.mixup_alpha > 0:
@@ -250,6 +267,12 @@ class LocalTrainer:
         loss = self._loss(scores, yb)
         if lam < 1.0:
             loss = lam * loss + (1 - lam) * self._loss(scores, yb[other])
+        return self._finish_step(scores, yb, loss)
+
+    def _finish_step(self, scores: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor | None = None) -> float:
+        """The optimiser's part of a step, from the batch's scores (and its loss, when mixup made one)."""
+        if loss is None:
+            loss = self._loss(scores, yb)
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -22,15 +22,15 @@ def score_state(state: Mapping[str, np.ndarray], model_name: str, seed: int, tes
     averaged over the ways peers normalise it (``test_inputs``: one array per normalisation)."""
     import torch
 
+    from p2pser.learn.evaluation import scores
     from p2pser.learn.models import build_model
-    from p2pser.learn.trainer import predict_scores
 
     model = build_model(model_name, test_inputs[0].shape[1], test_inputs[0].shape[2], len(classes), seed=seed)
     params = model.state_dict()
     for k, v in state.items():
         params[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
     model.load_state_dict(params)
-    return float(np.mean([task.score(y_test, predict_scores(model, x), classes)[task.primary] for x in test_inputs]))
+    return float(np.mean([task.score(y_test, scores(model, x), classes)[task.primary] for x in test_inputs]))
 
 
 def spread(items: list, at_most: int = 16) -> list:

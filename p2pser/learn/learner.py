@@ -102,6 +102,8 @@ class Learner(Protocol):
 class TorchLearner:
     """A torch model trained by ``LocalTrainer`` on one peer's data; its float parameters are the state."""
 
+    averageable = True  # said outright: a learner in a worker process answers only for what it has
+
     def __init__(self, data: PeerData, model_name: str, features: str, train_cfg: TrainConfig, task: Task, *,
                  model_seed: int, trainer_seed: int, total_steps: int, optimizer_state: str = "keep",
                  momentum: float = 0.9) -> None:

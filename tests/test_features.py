@@ -104,7 +104,7 @@ def test_a_new_kind_is_one_registry_entry_at_frame_or_utterance_level(few, tmp_p
 
 def test_unknown_kind_lists_known_kinds():
     with pytest.raises(UserError) as exc:
-        FeatureSpec(kind="mfcc+pitch")
+        FeatureSpec(kind="mfcc+formants")  # pitch is a kind now (issue 14)
     assert all(k in str(exc.value) for k in KINDS)
     with pytest.raises(UserError):
         FeatureSpec(kind="mfcc+mfcc")
@@ -350,7 +350,7 @@ def test_cli_features_prints_counts_and_fills_cache(shared_data, tmp_path, capsy
 
 
 def test_cli_bad_kind_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "p2pser", "features", str(tmp_path), "--kind", "pitch"],
+    proc = subprocess.run([sys.executable, "-m", "p2pser", "features", str(tmp_path), "--kind", "formants"],
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "unknown feature kind 'pitch'" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "unknown feature kind 'formants'" in proc.stderr

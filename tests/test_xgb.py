@@ -118,6 +118,7 @@ def test_xgb_runs_only_with_the_bagging_algorithm():
         RunConfig(algorithm="bagging")
 
 
+@pytest.mark.slow  # a CLI process that extracts, simulates 4 peers and trains the pooled model: ~15-50 s
 def test_xgb_by_bagging_in_simulate_reaches_every_peer_with_a_pooled_baseline(tmp_path, synth_corpus):
     run = tmp_path / "sim"
     result = p2pser("simulate", synth_corpus, "--peers", "4", "--topology", "ring", "--rounds", "2",

@@ -18,6 +18,7 @@ from p2pser.config import RunConfig
 from p2pser.exchange.attacks import attacking_peers
 from p2pser.exchange.peer import build_peer
 from p2pser.exchange.topology import Topology
+from p2pser.learn.tasks import experiment_task
 from p2pser.partition.experiment import Plan, extract_for, test_set
 from p2pser.report.run_folder import STATUS, peer_dir, write_json_atomic
 
@@ -37,7 +38,8 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         features, row_of = extract_for(plan, needed, cfg, progress=False)
     test = test_set(features, row_of, plan, cfg.normalizer)
     peers = [build_peer(plan, topology, k, cfg, features, row_of, test) for k in range(topology.n)]
-    tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes)
+    task = experiment_task(plan.experiment)
+    tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes, task)
     sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress, on_record=tracker.add)
     t0 = time.perf_counter()
     sim.run()
@@ -60,5 +62,5 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         "overhead_fraction": round(max(loop_s - training_s, 0.0) / max(loop_s, 1e-9), 4),
     }
     return report_run(out_dir, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,
-                      average_model_per_round=tracker.scores(),
+                      average_model_per_round=tracker.scores(), task=task,
                      attackers=attacking_peers(cfg))

@@ -115,12 +115,13 @@ class TorchLearner:
         _, channels, frames = data.x_train.shape
         # Every peer starts from the same initial weights (same seed): the usual D-PSGD set-up, and the
         # consensus distance then measures only what training and mixing did.
-        self.model = build_model(model_name, channels, frames, len(data.classes), seed=model_seed)
+        # Class scores and, for a task with dimensions, one regression output each: the regression head.
+        self.model = build_model(model_name, channels, frames, task.n_outputs(len(data.classes)), seed=model_seed)
         self._float_params = {
             name: t for name, t in self.model.state_dict().items() if torch.is_floating_point(t)
         }
         self.trainer = LocalTrainer(self.model, data.x_train, data.y_train, len(data.classes), train_cfg,
-                                    seed=trainer_seed, total_steps=total_steps)
+                                    seed=trainer_seed, total_steps=total_steps, task=task)
         self.samples = len(data.y_train)
         self.template = {name: (value.shape, value.dtype) for name, value in self.snapshot().items()}
         self.timings = {"train": 0.0, "eval": 0.0}

@@ -524,8 +524,9 @@ def format_description(desc: dict) -> str:
 def _format_dimensions(dims: dict[str, dict]) -> list[str]:
     if not dims:
         return []
-    lines = [f"{'dimension':<11}{'scale':>16}{'files':>7}{'mean':>8}{'std':>7}{'speaker means std':>19}"
-             f"{'within-speaker std':>20}"]
+    head = (f"{'dimension':<11}{'scale':>16}{'files':>7}{'mean':>8}{'std':>7}{'speaker means std':>19}"
+            f"{'within-speaker std':>20}")
+    lines = [head]
     for name, d in dims.items():
         scale = f"{d['range'][0]:g}..{d['range'][1]:g}" + (" (decl.)" if d["declared"] else "")
         lines.append(f"{name:<11}{scale:>16}{d['labelled']:>7}{d['mean']:>8.3f}{d['std']:>7.3f}"

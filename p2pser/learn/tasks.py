@@ -139,7 +139,7 @@ class Regression(Task):
             report[f"mae_{name}"] = float(np.mean(np.abs(t - p)))
         per_dim = [report[f"ccc_{n}"] for n in names if f"ccc_{n}" in report]
         report["ccc"] = float(np.mean(per_dim)) if per_dim else float("nan")
-        report["n"] = int(len(y_true))
+        report["n"] = len(y_true)
         return report
 
 

@@ -27,9 +27,9 @@ from p2pser.features.extract import extract_features
 from p2pser.features.normalize import standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec, encode_labels
 from p2pser.partition import targets as task_targets
-from p2pser.partition.targets import DIMENSIONS
 from p2pser.partition.folds import Fold, folds_from_test_speakers, load_folds, split_fold
 from p2pser.partition.peers import partition
+from p2pser.partition.targets import DIMENSIONS
 
 log = logging.getLogger(__name__)
 

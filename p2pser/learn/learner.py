@@ -220,7 +220,8 @@ class TorchLearner:
             self.trainer.set_inputs(self.data.x_train)
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.model_name, "features": self.features, "samples": self.samples}
+        return {"model": self.model_name, "features": self.features, "samples": self.samples,
+                "task": self.task.name}
 
     def save(self, folder: str | Path) -> None:
         """``model.npz`` (the shared parameters, no pickle) and ``normalizer.json`` (the statistics the

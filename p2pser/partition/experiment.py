@@ -15,6 +15,7 @@ utterances and the test set and never touches another peer's speech.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,9 @@ class Experiment:
         if self.targets is None:
             self.targets = self.labels
         self.strata = task_targets.strata(self.task, self.targets)  # per utterance; -1: nothing to learn from
-        self._row_targets: tuple[int, np.ndarray] | None = None
+        # The targets of the last feature set asked for (peers of a simulation share one): weakly held, so
+        # that dropping the features frees them.
+        self._row_targets: tuple[weakref.ref, np.ndarray] | None = None
 
     @property
     def labelled(self) -> np.ndarray:
@@ -59,12 +62,12 @@ class Experiment:
 
     def row_targets(self, features: FeatureSet, row_of: dict[int, int]) -> np.ndarray:
         """The task's targets of each row of ``features`` (extracted by ``extract``, mapped by ``row_of``)."""
-        if self._row_targets is not None and self._row_targets[0] == id(features):
+        if self._row_targets is not None and self._row_targets[0]() is features:
             return self._row_targets[1]
         y = np.zeros((len(features), *self.targets.shape[1:]), dtype=self.targets.dtype)
         for index, row in row_of.items():
             y[row] = self.targets[index]
-        self._row_targets = (id(features), y)
+        self._row_targets = (weakref.ref(features), y)
         return y
 
     def fold(self, number: int) -> Fold:

@@ -152,8 +152,10 @@ class TorchLearner:
         data, task = self.data, self.task
         row: dict[str, float] = {}
         if len(data.y_val):
-            row[task.val_key()] = task.score(data.y_val, predict_scores(self.model, data.x_val),
-                                             data.classes)[task.primary]
+            value = task.score(data.y_val, predict_scores(self.model, data.x_val), data.classes)[task.primary]
+            # CCC needs two labelled values: a peer holding back fewer has no validation score to report.
+            if np.isfinite(value):
+                row[task.val_key()] = value
         if len(data.y_test):
             report = task.score(data.y_test, predict_scores(self.model, data.test_inputs()), data.classes)
             row.update(task.test_row(report))

@@ -61,7 +61,8 @@ class Task:
     def test_row(self, report: dict) -> dict[str, float]:
         """The test metrics of ``report`` as metrics-row fields (a dimension with too few labelled test
         utterances to score has none)."""
-        return {self.test_key(m): float(report[m]) for m in self.metrics if m in report}
+        return {self.test_key(m): float(report[m]) for m in self.metrics
+                if m in report and np.isfinite(report[m])}
 
     def label(self, metric: str | None = None) -> str:
         """A metric as axis labels and tables print it."""

@@ -176,3 +176,9 @@ def test_two_real_peers_learn_arousal_by_gossip(small_baved, tmp_path):
     rows = [json.loads(line) for line in (out / "peer-000" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_ccc" in r for r in rows) and "test_ccc_arousal" in rows[-1]
     assert (out / "ccc_per_peer.png").stat().st_size > 0
+
+
+def test_a_dimension_too_sparse_to_score_leaves_no_field():
+    task = Regression(dimensions=("arousal", "valence"))
+    report = task.score(np.array([[0.5, np.nan]]), np.array([[0.1, 0.2]]))  # one utterance: no CCC at all
+    assert np.isnan(report["ccc"]) and task.test_row(report) == {}

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from p2pser.audio.corpora import DIMENSIONS
 from p2pser.config import TASKS
 
-DIMENSIONS = ("arousal", "valence", "dominance")
 TASK_NAMES = TASKS  # the config validates --task without importing numpy
 
 

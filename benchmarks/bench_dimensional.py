@@ -16,7 +16,7 @@ Parts (``--parts``, comma list; each rewrites only its own entry):
 - ``synth``: the built-in synthetic corpus (12 speakers, 4 folds), arousal and valence (and dominance), pooled
   and by gossip, the linear model.
 - ``ravdess-multitask``: RAVDESS, categories alone (``--task categorical``) against categories plus arousal
-  (``--task both``), 4 folds, the same model and recipe. RAVDESS has no rated arousal: its intensity field
+  (``--task both``), its 6 folds, the same model and recipe. RAVDESS has no rated arousal: its intensity field
   (normal / strong) stands in as a proxy, -1 / +1. Target: UA not lower with the multi-task.
 
     python benchmarks/bench_dimensional.py --parts baved-choice,baved-pooled,baved-gossip,synth,ravdess-multitask

@@ -36,6 +36,9 @@ ENSEMBLE_ALGORITHM = "bagging"
 OPTIMIZERS = ("adamw", "sgd")
 NORMALIZERS = ("speaker", "global", "local")
 OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
+# Dimensional emotions (issue 16): p2pser.partition.targets.TASK_NAMES and p2pser.learn.losses.REGRESSION_LOSSES.
+TASKS = ("categorical", "dimensional", "both")
+REGRESSION_LOSSES = ("ccc", "mse")
 
 
 def _opt(help_text: str, **choices: Any) -> dict:
@@ -130,12 +133,22 @@ class RunConfig:
     pull_rate: float = field(
         default=0.5, **_opt("pull answers per second per neighbour after a burst of 4 (0 = no limit)")
     )
+    # --- dimensional emotions (issue 16) ---
+    task: str = field(
+        default="categorical",
+        **_opt("what is learned: emotion categories (UA), dimensions arousal/valence/dominance by regression "
+               "(CCC), or both with one model", choices=TASKS),
+    )
+    regression_loss: str = field(
+        default="ccc", **_opt("dimensions: 1 - CCC per minibatch, or mean squared error", choices=REGRESSION_LOSSES)
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY),
                               ("optimizer_state", OPTIMIZER_STATES), ("normalizer", NORMALIZERS),
                               ("resume", RESUME), ("liveness", LIVENESS), ("mixing", MIXINGS), ("attack", ATTACKS),
-                              ("peer_address", PEER_ADDRESS)):
+                              ("peer_address", PEER_ADDRESS), ("task", TASKS),
+                              ("regression_loss", REGRESSION_LOSSES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
@@ -344,4 +357,4 @@ def train_config(cfg: RunConfig, **extra: Any):
         # The momentum lives outside the optimiser (p2pser.learn.learner.TorchLearner): plain SGD steps.
         optimizer, momentum = "sgd", 0.0
     return recommended_config(cfg.model, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=optimizer,
-                              momentum=momentum, **extra)
+                              momentum=momentum, regression_loss=cfg.regression_loss, **extra)

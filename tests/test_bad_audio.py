@@ -276,7 +276,7 @@ def corpus(tmp_path_factory, speech) -> tuple[Path, Path, list[Path]]:
     synthesize_corpus(data, speakers=4, per_emotion=2, seed=0)
     bad = write_folder(data / BAD_SPEAKER, bad_files(speech), prefix="bad_")
     with (data / "manifest.csv").open("a", newline="") as fh:
-        csv.writer(fh, lineterminator="\n").writerows((f"{BAD_SPEAKER}/{p.name}", BAD_SPEAKER, "angry", "F")
+        csv.writer(fh, lineterminator="\n").writerows((f"{BAD_SPEAKER}/{p.name}", BAD_SPEAKER, "angry", "F", "", "", "")
                                                       for p in bad)  # fmt: skip
     return data, root / "cache", bad
 

@@ -91,5 +91,6 @@ def test_frame_mask_marks_zero_frames_as_padding():
 def test_unknown_model_and_bad_sizes():
     with pytest.raises(UserError, match="unknown model 'resnet'.*svm"):
         build_model("resnet", C, T, K)
-    with pytest.raises(UserError, match="2 classes"):
-        build_model("cnn1d", C, T, 1)
+    with pytest.raises(UserError, match="1 output"):
+        build_model("cnn1d", C, T, 0)
+    assert build_model("cnn1d", C, T, 1)(torch.randn(2, C, T)).shape == (2, 1)  # one dimension: a regression head

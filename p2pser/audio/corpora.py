@@ -1,8 +1,12 @@
 """Corpus readers: turn a folder of emotional speech into a list of labelled utterances.
 
-Readers parse each corpus from its own file-naming convention (RAVDESS, EmoDB, CREMA-D, TESS, SAVEE), as
-they would a user's original download, and accept ``.wav`` or ``.flac``. A generic CSV/TSV manifest lets
-any other corpus in.
+Readers parse each corpus from its own file-naming convention (RAVDESS, EmoDB, CREMA-D, TESS, SAVEE,
+BAVED), as they would a user's original download, and accept ``.wav`` or ``.flac``. A generic CSV/TSV
+manifest lets any other corpus in.
+
+An utterance may carry an emotion category, emotion dimensions (arousal, valence, dominance on any numeric
+scale) or both. A dimension's scale is declared in a manifest header (``arousal[1,5]``) or by a corpus
+reader (BAVED: -1..1), else inferred from the values (``Corpus.range_of``).
 
 Auto-detection trusts file names first: a folder whose audio files follow one known convention is read by
 that corpus's parser even when a manifest sits beside them (the shared RAVDESS/EmoDB copies ship a
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -32,20 +37,27 @@ log = logging.getLogger(__name__)
 EMOTIONS = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised", "boredom")
 
 AUDIO_SUFFIXES = (".wav", ".flac")
-LAYOUTS = ("auto", "ravdess", "emodb", "crema-d", "tess", "savee", "manifest")
-MANIFEST_COLUMNS = ("file", "speaker", "emotion")
-OPTIONAL_COLUMNS = ("sex", "arousal", "valence", "dominance")
+LAYOUTS = ("auto", "ravdess", "emodb", "crema-d", "tess", "savee", "baved", "manifest")
+MANIFEST_COLUMNS = ("file", "speaker")  # and an emotion, a dimension, or both
+DIMENSIONS = ("arousal", "valence", "dominance")
+OPTIONAL_COLUMNS = ("emotion", "sex", "age", *DIMENSIONS)
+# A dimension column may declare its scale: "arousal[1,5]" or "arousal[1:5]".
+_DECLARED_RANGE = re.compile(r"(arousal|valence|dominance)\s*\[\s*([-+0-9.eE]+)\s*[,:]\s*([-+0-9.eE]+)\s*\]")
 
 
 @dataclass(frozen=True)
 class Utterance:
     path: Path  # absolute path to the audio file
     speaker: str  # corpus-prefixed speaker id, e.g. "ravdess_12", "emodb_03"
-    emotion: str  # canonical lower-case emotion name
+    emotion: str  # canonical lower-case emotion name; "" when the corpus labels no category
     sex: str | None = None  # "M", "F" or None when unknown
     arousal: float | None = None
     valence: float | None = None
     dominance: float | None = None
+    age: float | None = None  # years, where the corpus says
+
+    def dimension(self, name: str) -> float | None:
+        return getattr(self, name)
 
 
 @dataclass
@@ -54,12 +66,25 @@ class Corpus:
     root: Path
     utterances: list[Utterance] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)  # audio files whose names did not parse
+    declared_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # dimension -> (low, high)
 
     def speakers(self) -> list[str]:
         return sorted({u.speaker for u in self.utterances})
 
     def emotions(self) -> list[str]:
-        return sorted({u.emotion for u in self.utterances})
+        """The emotion categories present (utterances without one are not counted)."""
+        return sorted({u.emotion for u in self.utterances if u.emotion})
+
+    def dimensions(self) -> list[str]:
+        """The dimensions that at least one utterance carries, in ``DIMENSIONS`` order."""
+        return [d for d in DIMENSIONS if any(u.dimension(d) is not None for u in self.utterances)]
+
+    def range_of(self, name: str) -> tuple[float, float]:
+        """The scale of dimension ``name``: as declared, else the smallest and largest value present."""
+        if name in self.declared_ranges:
+            return self.declared_ranges[name]
+        values = [v for u in self.utterances if (v := u.dimension(name)) is not None]
+        return (min(values), max(values)) if values else (0.0, 0.0)
 
 
 # Manifest labels in the wild: corpus abbreviations, nouns and adjectives all map to the canonical names.
@@ -76,8 +101,9 @@ EMOTION_ALIASES = {
 }  # fmt: skip
 
 # --- per-corpus file-name parsers ------------------------------------------------------------------------
-# Each takes the path relative to the corpus root and returns (speaker, emotion, sex) or None.
-Parsed = tuple[str, str, str | None]
+# Each takes the path relative to the corpus root and returns (speaker, emotion, sex) or None; a corpus with
+# more per-file facts (dimensions, age) adds them as a fourth element, Utterance fields by name.
+Parsed = tuple[str, str, str | None] | tuple[str, str, str | None, dict]
 
 RAVDESS_EMOTIONS = dict(enumerate(("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust",
                                    "surprised"), start=1))  # fmt: skip
@@ -165,13 +191,30 @@ def _parse_savee(rel: Path) -> Parsed | None:
     return f"savee_{speaker}", SAVEE_EMOTIONS[m.group(2)], "M"
 
 
+# BAVED (github.com/40uf411/Basic-Arabic-Vocal-Emotions-Dataset): SPEAKER-SEX-AGE-WORD-LEVEL-RECORD, e.g.
+# "0/10-f-20-0-1-0.wav". LEVEL is the expressed activation (0 low, 1 neutral, 2 high): arousal = level - 1
+# on the declared scale -1..1. There is no emotion category.
+BAVED_RE = re.compile(r"(\d+)-([mf])-(\d+)-([0-6])-([0-2])-(\d+)")
+BAVED_RANGES = {"arousal": (-1.0, 1.0)}
+
+
+def _parse_baved(rel: Path) -> Parsed | None:
+    m = BAVED_RE.fullmatch(rel.stem)
+    if not m:
+        return None
+    return (f"baved_{int(m.group(1)):03d}", "", m.group(2).upper(),
+            {"arousal": float(int(m.group(5)) - 1), "age": float(m.group(3))})
+
+
 PARSERS: dict[str, Callable[[Path], Parsed | None]] = {
     "ravdess": _parse_ravdess,
     "emodb": _parse_emodb,
     "crema-d": _parse_crema_d,
     "tess": _parse_tess,
     "savee": _parse_savee,
+    "baved": _parse_baved,
 }
+DECLARED_RANGES = {"baved": BAVED_RANGES}
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -247,14 +290,15 @@ def _detect(root: Path, files: list[Path]) -> str:
 
 def _parse_files(name: str, root: Path, files: list[Path]) -> Corpus:
     parse = PARSERS[name]
-    corpus = Corpus(name=name, root=root)
+    corpus = Corpus(name=name, root=root, declared_ranges=dict(DECLARED_RANGES.get(name, {})))
     for rel in files:
         parsed = parse(rel)
         if parsed is None:
             corpus.skipped.append(root / rel)
             continue
-        speaker, emotion, sex = parsed
-        corpus.utterances.append(Utterance(path=root / rel, speaker=speaker, emotion=emotion, sex=sex))
+        speaker, emotion, sex, *extra = parsed
+        corpus.utterances.append(Utterance(path=root / rel, speaker=speaker, emotion=emotion, sex=sex,
+                                           **(extra[0] if extra else {})))
     if corpus.skipped:
         log.warning("%s: skipped %d audio files not named like %s, e.g. %s", root, len(corpus.skipped), name,
                     corpus.skipped[0].name)
@@ -278,8 +322,10 @@ def find_manifest(folder: Path) -> Path | None:
 
 
 def read_manifest(manifest: Path) -> Corpus:
-    """Read a CSV (comma) or TSV (tab) manifest: columns file, speaker, emotion [, sex, arousal, valence,
-    dominance]; other columns are ignored. ``file`` is relative to the manifest's folder or absolute."""
+    """Read a CSV (comma) or TSV (tab) manifest: columns file, speaker, and emotion and/or any of arousal,
+    valence, dominance (a header ``arousal[1,5]`` declares the scale); optionally sex and age. Other columns
+    are ignored. ``file`` is relative to the manifest's folder or absolute. A row needs an emotion or a
+    dimension value; a dimension value that is not a number is an error naming the file and line."""
     root = manifest.parent
     delimiter = "\t" if manifest.suffix.lower() == ".tsv" else ","
     try:
@@ -290,14 +336,27 @@ def read_manifest(manifest: Path) -> Corpus:
     if not rows:
         raise UserError(f"manifest {manifest} is empty; it needs a header row: file,speaker,emotion")
     header = [c.strip().lower() for c in rows[0]]
-    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    declared: dict[str, tuple[float, float]] = {}
+    for i, cell in enumerate(header):
+        m = _DECLARED_RANGE.fullmatch(cell)
+        if m:
+            try:
+                low, high = float(m.group(2)), float(m.group(3))
+            except ValueError:
+                low = high = 0.0
+            if not low < high:
+                raise UserError(f"manifest {manifest}: column {rows[0][i].strip()!r} declares no scale low < high")
+            header[i], declared[m.group(1)] = m.group(1), (low, high)
+    labels = [c for c in ("emotion", *DIMENSIONS) if c in header]
+    missing = [c for c in MANIFEST_COLUMNS if c not in header] + ([] if labels else ["emotion"])
     if missing:
         raise UserError(
             f"manifest {manifest} lacks column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'}); "
-            f"the header must name file, speaker, emotion ({'tab' if delimiter == chr(9) else 'comma'}-separated)"
+            f"the header must name file, speaker and emotion and/or arousal, valence, dominance "
+            f"({'tab' if delimiter == chr(9) else 'comma'}-separated)"
         )
     col = {name: header.index(name) for name in (*MANIFEST_COLUMNS, *OPTIONAL_COLUMNS) if name in header}
-    corpus = Corpus(name="manifest", root=root)
+    corpus = Corpus(name="manifest", root=root, declared_ranges=declared)
     seen: dict[Path, int] = {}
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
@@ -308,7 +367,11 @@ def read_manifest(manifest: Path) -> Corpus:
         values = {name: row[i].strip() for name, i in col.items()}
         for name in MANIFEST_COLUMNS:
             if not values[name]:
-                raise UserError(f"{where}: empty {name}; every row needs file, speaker and emotion")
+                raise UserError(f"{where}: empty {name}; every row needs file and speaker")
+        dims = {name: _number(values, name, where, declared.get(name)) for name in DIMENSIONS}
+        if not values.get("emotion") and all(v is None for v in dims.values()):
+            raise UserError(f"{where}: no emotion and no {'/'.join(d for d in DIMENSIONS if d in col)} value; "
+                            "every row needs a label")
         path = (root / values["file"]).resolve()
         if not path.is_file():
             raise UserError(f"{where}: audio file {values['file']!r} not found at {path}; fix the path or the row")
@@ -318,11 +381,10 @@ def read_manifest(manifest: Path) -> Corpus:
         corpus.utterances.append(Utterance(
             path=path,
             speaker=values["speaker"],
-            emotion=_canonical_emotion(values["emotion"], where),
+            emotion=_canonical_emotion(values["emotion"], where) if values.get("emotion") else "",
             sex=_sex(values.get("sex", ""), where),
-            arousal=_number(values, "arousal", where),
-            valence=_number(values, "valence", where),
-            dominance=_number(values, "dominance", where),
+            age=_number(values, "age", where, None),
+            **dims,
         ))  # fmt: skip
     if not corpus.utterances:
         raise UserError(f"manifest {manifest} has a header but no rows; add one row per audio file")
@@ -343,14 +405,19 @@ def _sex(value: str, where: str) -> str | None:
     return sex
 
 
-def _number(values: dict[str, str], name: str, where: str) -> float | None:
+def _number(values: dict[str, str], name: str, where: str, scale: tuple[float, float] | None) -> float | None:
     text = values.get(name, "")
     if not text:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise UserError(f"{where}: {name} {text!r} is not a number") from None
+        value = float("nan")
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {name} {text!r} is not a number; use a number or leave it empty")
+    if scale is not None and not scale[0] <= value <= scale[1]:
+        raise UserError(f"{where}: {name} {value:g} lies outside its declared scale {scale[0]:g}..{scale[1]:g}")
+    return value
 
 
 # --- description -----------------------------------------------------------------------------------------
@@ -379,12 +446,53 @@ def describe(corpus: Corpus) -> dict:
         "skipped_files": len(corpus.skipped),
         "speakers": dict(sorted(Counter(u.speaker for u in corpus.utterances).items())),
         "speaker_sex": dict(sorted(Counter(s or "unknown" for s in sex_of.values()).items())),
-        "emotions": dict(sorted(Counter(u.emotion for u in corpus.utterances).items())),
+        "emotions": dict(sorted(Counter(u.emotion for u in corpus.utterances if u.emotion).items())),
+        "without_emotion": sum(1 for u in corpus.utterances if not u.emotion),
+        "dimensions": describe_dimensions(corpus),
+        "ages": _ages(corpus),
         "duration_s": round(sum(durations), 3),
         "duration_range_s": [round(min(durations), 3), round(max(durations), 3)] if durations else None,
         "sample_rates": {str(k): v for k, v in sorted(rates.items())},
         "channels": {str(k): v for k, v in sorted(channels.items())},
     }
+
+
+def describe_dimensions(corpus: Corpus) -> dict[str, dict]:
+    """Per labelled dimension: its scale (declared or inferred), how many utterances carry it, mean and
+    standard deviation, and the per-speaker spread: how far speakers' means lie apart (std of the speaker
+    means) and how much each speaker varies (mean of the within-speaker stds). A dimension that moves mostly
+    between speakers rather than within them is one a speaker-independent model will find hard."""
+    out = {}
+    for name in corpus.dimensions():
+        by_speaker: dict[str, list[float]] = {}
+        for u in corpus.utterances:
+            if (v := u.dimension(name)) is not None:
+                by_speaker.setdefault(u.speaker, []).append(v)
+        values = [v for vs in by_speaker.values() for v in vs]
+        means = [sum(vs) / len(vs) for vs in by_speaker.values()]
+        low, high = corpus.range_of(name)
+        out[name] = {
+            "range": [low, high], "declared": name in corpus.declared_ranges, "labelled": len(values),
+            "mean": round(_mean(values), 4), "std": round(_std(values), 4),
+            "speaker_means_std": round(_std(means), 4),
+            "within_speaker_std": round(_mean([_std(vs) for vs in by_speaker.values()]), 4),
+        }
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _std(values: list[float]) -> float:
+    m = _mean(values)
+    return math.sqrt(_mean([(v - m) ** 2 for v in values])) if values else 0.0
+
+
+def _ages(corpus: Corpus) -> list[float] | None:
+    """Youngest and oldest speaker, where the corpus gives ages."""
+    ages = [u.age for u in corpus.utterances if u.age is not None]
+    return [min(ages), max(ages)] if ages else None
 
 
 def format_description(desc: dict) -> str:
@@ -400,11 +508,27 @@ def format_description(desc: dict) -> str:
         f"duration      {minutes:.1f} min  (files {lo:.2f}-{hi:.2f} s)",
         f"sample rates  {', '.join(f'{r} Hz x{n}' for r, n in desc['sample_rates'].items())}",
         f"channels      {', '.join(f'{c} x{n}' for c, n in desc['channels'].items())}",
+        *([f"ages          {desc['ages'][0]:g}-{desc['ages'][1]:g} years"] if desc.get("ages") else []),
         "",
         f"{'emotion':<12}{'files':>7}",
         *(f"{e:<12}{n:>7}" for e, n in desc["emotions"].items()),
+        *([f"{'(none)':<12}{desc['without_emotion']:>7}"] if desc.get("without_emotion") else []),
         "",
+        *_format_dimensions(desc.get("dimensions") or {}),
         f"{'speaker':<16}{'files':>7}",
         *(f"{s:<16}{n:>7}" for s, n in desc["speakers"].items()),
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def _format_dimensions(dims: dict[str, dict]) -> list[str]:
+    if not dims:
+        return []
+    head = (f"{'dimension':<11}{'scale':>16}{'files':>7}{'mean':>8}{'std':>7}{'speaker means std':>19}"
+            f"{'within-speaker std':>20}")
+    lines = [head]
+    for name, d in dims.items():
+        scale = f"{d['range'][0]:g}..{d['range'][1]:g}" + (" (decl.)" if d["declared"] else "")
+        lines.append(f"{name:<11}{scale:>16}{d['labelled']:>7}{d['mean']:>8.3f}{d['std']:>7.3f}"
+                     f"{d['speaker_means_std']:>19.3f}{d['within_speaker_std']:>20.3f}")
+    return [*lines, ""]

@@ -10,6 +10,12 @@ range; disgust a low F0, slow tempo and creaky voice. Each speaker acts with its
 each take with its own intensity, and recordings differ in level and background noise, so classes overlap
 and speaker-independent recognition is learnable but far from perfect.
 
+Dimensional labels follow from how each take was generated. Arousal is read off the take's own realised
+expressive parameters (speaker habit and take variation included): louder, higher, faster and wider-ranging
+speech is more aroused (``arousal_of``). Valence and dominance are the emotion's place in the
+pleasure-arousal-dominance norms of Russell & Mehrabian (1977), scaled by the take's acting intensity. All
+three lie on -1..1, declared in the manifest header (``arousal[-1:1]``).
+
 Signal model: a glottal pulse train (per-pulse jitter, shimmer, creaky irregular pulses) plus aspiration
 and frication noise, shaped frame by frame in the STFT domain by a cascade of formant resonances that glide
 between the targets of random syllables (consonant + vowel), with pauses between phrases.
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from p2pser.audio.corpora import Corpus, load_corpus
+from p2pser.audio.corpora import DIMENSIONS, Corpus, load_corpus
 from p2pser.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,13 @@ PROFILES = {
     "fearful": (5.0,  0.14,  0.26, 1.0, -1.0,  0.02,  0.03,  0.12,  0.0,  0.05, -0.15, 0.0,  0.8),
     "disgust": (-2.5, -0.15, -0.29, -1.0, 1.5, 0.008, 0.05,  0.04,  0.3,  -0.04, 0.0,  0.3,  0.0),
 }  # fmt: skip
+# Valence (pleasure) and dominance of each emotion term on -1..1 (Russell & Mehrabian 1977, "Evidence for
+# a three-factor theory of emotions": happy .81/.46, angry -.51/.25, sad -.63/-.33, afraid -.64/-.43,
+# disgusted -.60/.11), scaled per take by its acting intensity.
+VALENCE_DOMINANCE = {"neutral": (0.0, 0.0), "happy": (0.81, 0.46), "sad": (-0.63, -0.33), "angry": (-0.51, 0.25),
+                     "fearful": (-0.64, -0.43), "disgust": (-0.60, 0.11)}  # fmt: skip
+# Arousal from the realised parameters: each cue in units of the angriest profile's deviation, weighted.
+AROUSAL_CUES = {"level": (0.35, 8.0), "f0": (0.25, 4.5), "rate": (0.25, 0.2), "range": (0.15, 0.8)}
 # Spread of a speaker's habitual deviation from each profile, and of one take from the next.
 SPEAKER_SPREAD = np.array((1.2, 0.2, 0.08, 2.0, 1.2, 0.002, 0.01, 0.03, 0.05, 0.015, 0.06, 0.2, 0.1))
 TAKE_SPREAD = np.array((1.5, 0.25, 0.12, 2.0, 1.5, 0.003, 0.015, 0.04, 0.05, 0.02, 0.08, 0.3, 0.1))
@@ -131,6 +144,12 @@ def make_voices(n: int, seed: int) -> list[Voice]:
 def synthesize_utterance(voice: Voice, emotion: str, rng: np.random.Generator,
                          sample_rate: int = DEFAULT_SAMPLE_RATE) -> np.ndarray:
     """One take of ``voice`` speaking a random sentence with ``emotion``: float32 mono in [-1, 1]."""
+    return synthesize_take(voice, emotion, rng, sample_rate)[0]
+
+
+def synthesize_take(voice: Voice, emotion: str, rng: np.random.Generator,
+                    sample_rate: int = DEFAULT_SAMPLE_RATE) -> tuple[np.ndarray, dict[str, float]]:
+    """``synthesize_utterance`` and the take's arousal, valence and dominance (-1..1)."""
     e = SYNTH_EMOTIONS.index(emotion)
     intensity = rng.uniform(0.8, 1.3) * voice.expressiveness
     p = (BASE + np.array(PROFILES[emotion]) * intensity + np.array(voice.habits[e])
@@ -139,7 +158,19 @@ def synthesize_utterance(voice: Voice, emotion: str, rng: np.random.Generator,
     plan = _plan(voice, p, rng)
     excitation = _pulses(voice, p, plan, rng, sample_rate)
     spec = _filter(voice, p, plan, excitation, rng, sample_rate)
-    return _record(spec, len(excitation), voice, p, rng, sample_rate)
+    audio = _record(spec, len(excitation), voice, p, rng, sample_rate)
+    valence, dominance = VALENCE_DOMINANCE[emotion]
+    dims = {"arousal": arousal_of(p), "valence": float(np.clip(valence * intensity, -1.0, 1.0)),
+            "dominance": float(np.clip(dominance * intensity, -1.0, 1.0))}
+    return audio, dims
+
+
+def arousal_of(p: np.ndarray) -> float:
+    """Arousal on -1..1 of a take with expressive parameters ``p``: a weighted sum of its level, F0, tempo
+    and F0-range deviations from the speaker's neutral voice, squashed by tanh (angry takes land near
+    +0.7, sad near -0.75, neutral at 0)."""
+    raw = sum(weight * p[_F[name]] / unit for name, (weight, unit) in AROUSAL_CUES.items())
+    return float(np.tanh(raw))
 
 
 # --- segment plan ----------------------------------------------------------------------------------------
@@ -415,13 +446,13 @@ def synthesize_corpus(out_dir: str | Path, *, speakers: int = DEFAULT_SPEAKERS,
         for e, emotion in enumerate(SYNTH_EMOTIONS):
             for take in range(per_emotion):
                 rng = np.random.default_rng([seed, 2, k, e, take])
-                audio = synthesize_utterance(voice, emotion, rng, sample_rate)
+                audio, dims = synthesize_take(voice, emotion, rng, sample_rate)
                 rel = f"{voice.speaker}/{voice.speaker}_{emotion}_{take + 1:03d}.wav"
                 (out / rel).write_bytes(_wav_bytes(audio, sample_rate))
-                rows.append((rel, voice.speaker, emotion, voice.sex))
+                rows.append((rel, voice.speaker, emotion, voice.sex, *(f"{dims[d]:.4f}" for d in DIMENSIONS)))
     with (out / "manifest.csv").open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(("file", "speaker", "emotion", "sex"))
+        writer.writerow(("file", "speaker", "emotion", "sex", *(f"{d}[-1:1]" for d in DIMENSIONS)))
         writer.writerows(rows)
     (out / "folds.json").write_text(json.dumps(_folds(voices, seed), indent=2) + "\n")
     log.info("wrote %d synthetic utterances of %d speakers to %s", len(rows), speakers, out)

@@ -41,6 +41,7 @@ def _cases(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from p2pser.experiments.sweep import run_baseline, run_cases
+    from p2pser.learn.tasks import task_of_summary
     from p2pser.report.comparison import write_comparison
     from p2pser.report.run_folder import prepare_out_dir
     from p2pser.report.summary import add_baseline
@@ -53,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     if cases[0].sim.baseline == "centralized":
         cfg = cases[0].run
         baseline = run_baseline(args.data_dir, cfg, summaries[0]["peers"], out / "baseline-centralized")
-        summaries = [add_baseline(out / s["label"] if len(summaries) > 1 else out, s, baseline)
+        summaries = [add_baseline(out / s["label"] if len(summaries) > 1 else out, s, baseline, task_of_summary(s))
                      for s in summaries]
     for s in summaries:
         print(f"\n== {s['label']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from p2pser.cli.features import add_spec_arguments, spec_from_args
-from p2pser.config import NORMALIZERS, RunConfig
+from p2pser.config import NORMALIZERS, REGRESSION_LOSSES, TASKS, RunConfig
 from p2pser.features.cache import default_cache_dir
 from p2pser.runtime import pin_threads
 
@@ -34,11 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's recipe)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this share of training utterances and keep the epoch with the best validation "
-                        "UA (default 0: train on all, keep the last epoch)")
+                        "UA (CCC for --task dimensional) (default 0: train on all, keep the last epoch)")
     p.add_argument("--normalizer", choices=NORMALIZERS, default=RunConfig().normalizer,
                    help="feature standardisation: each speaker by their own statistics (test speakers too, from "
                         "their own unlabelled audio), or the training data's statistics (global, local) "
                         f"[{RunConfig().normalizer}]")
+    p.add_argument("--task", choices=TASKS, default=RunConfig.task,
+                   help="emotion categories (UA), dimensions arousal/valence/dominance by regression (CCC), or "
+                        f"both with one model [{RunConfig.task}]")
+    p.add_argument("--regression-loss", choices=REGRESSION_LOSSES, default=RunConfig.regression_loss,
+                   help=f"dimensions: 1 - CCC per minibatch, or mean squared error [{RunConfig.regression_loss}]")
     p.add_argument("--seed", type=int, default=0, help="seed for initial weights, shuffling, augmentation")
     p.add_argument("--threads", type=int, default=1,
                    help="torch/BLAS threads (default 1: fastest when other work shares the cores)")
@@ -53,16 +58,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     # Heavy imports (torch) only when the command runs: `p2pser --help` stays fast.
     from p2pser.experiments.centralized import format_results, train_centralized
+    from p2pser.learn.tasks import task_of_summary
     from p2pser.learn.trainer import recommended_config
 
     pin_threads(max(1, args.threads))
-    cfg = recommended_config(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    cfg = recommended_config(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             regression_loss=args.regression_loss)
     summary = train_centralized(
         args.data_dir, args.out, folds_path=args.folds, fold=args.fold, test_speakers=args.test_speakers,
         model_name=args.model, spec=spec_from_args(args), train_cfg=cfg, seed=args.seed,
         val_fraction=args.val_fraction, cache_dir=args.cache_dir, workers=args.workers,
-        progress=not args.no_progress, normalizer=args.normalizer,
+        progress=not args.no_progress, normalizer=args.normalizer, task=args.task,
     )
-    print(format_results(summary))
-    print(f"results: {args.out}/summary.json, confusion matrix: {args.out}/confusion.png")
+    print(format_results(summary, task_of_summary(summary)))
+    print(f"results: {args.out}/summary.json" + (f", confusion matrix: {args.out}/confusion.png"
+                                                  if summary["confusion"] is not None else ""))
     return 0

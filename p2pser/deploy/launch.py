@@ -28,7 +28,7 @@ from p2pser.deploy.supervise import (
 )
 from p2pser.exchange.algorithms import spec_of
 from p2pser.exchange.topology import Topology, save_topology
-from p2pser.learn.tasks import CLASSIFICATION
+from p2pser.learn.tasks import Task, experiment_task
 from p2pser.partition.experiment import extract_for, make_plan, test_set
 from p2pser.report.run_folder import peer_dir, prepare_out_dir
 from p2pser.report.summary import read_metrics, report_run
@@ -45,16 +45,16 @@ def write_config_toml(cfg: RunConfig, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def progress_line(metrics: dict[int, list[dict]], n: int) -> str:
+def progress_line(metrics: dict[int, list[dict]], n: int, task: Task) -> str:
     last = [rows[-1] for rows in metrics.values() if rows]
     if not last:
         return f"starting {n} peers ..."
-    uas = [v for rows in metrics.values() if (v := _final(rows, CLASSIFICATION.test_key())) is not None]
+    uas = [v for rows in metrics.values() if (v := _final(rows, task.test_key())) is not None]
     dists = [r["consensus_distance"] for r in last if r.get("consensus_distance") is not None]
     rounds = [r["round"] + 1 for r in last]
     text = f"round {min(rounds)}-{max(rounds)}"
     if uas:
-        text += f"  UA mean {np.mean(uas):.3f} min {np.min(uas):.3f}"
+        text += f"  {task.label()} mean {np.mean(uas):.3f} min {np.min(uas):.3f}"
     if dists:
         text += f"  consensus {np.mean(dists):.3g}"
     return text
@@ -74,6 +74,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
     start = time.monotonic()
     out = prepare_out_dir(out_dir, continuing=continuing)
     plan = make_plan(data_dir, cfg, topology.n)
+    task = experiment_task(plan.experiment)
     spec_of(cfg.algorithm).placement(topology)  # a topology the algorithm cannot run on fails now, not in every peer
     topo_file, cfg_file = out / "topology.toml", out / "config.toml"
     if not continuing:
@@ -95,9 +96,9 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
     if continuing:
         stop_leftovers(out, [w.peer for w in workers])
     supervisor = Supervisor(workers, restarts=restarts,
-                            progress=None if quiet else lambda: progress_line(read_metrics(out), topology.n))
+                            progress=None if quiet else lambda: progress_line(read_metrics(out), topology.n, task))
     result = supervisor.run()
     result.record(out)
     base = summary_base("launch", topology_name, cfg, out, topology.n, result)
     return report_run(out, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,
-                      restarts=restart_counts(out, result))
+                      restarts=restart_counts(out, result), task=task)

@@ -61,6 +61,7 @@ from p2pser.deploy.supervise import (
 from p2pser.errors import UserError
 from p2pser.exchange.checkpoint import CHECKPOINT_NAME
 from p2pser.exchange.topology import KINDS, Topology, make_topology, save_topology
+from p2pser.learn.tasks import experiment_task, task_named
 from p2pser.partition.experiment import extract_for, make_plan, test_set
 from p2pser.report.run_folder import peer_dir, prepare_out_dir
 from p2pser.report.summary import report_run
@@ -276,7 +277,8 @@ def summarize_gathered(out: Path, topology: Topology, data_dir: str | Path, cfg:
     test = test_set(features, row_of, plan, cfg.normalizer)
     base = base | {"security": security_on(cfg.security, topology),
                    "hosts": sorted({p.host for p in topology.peers})}
-    return report_run(out, base, cfg, test, plan.classes, wall_s=wall_s, restarts=restarts)
+    return report_run(out, base, cfg, test, plan.classes, wall_s=wall_s, restarts=restarts,
+                      task=experiment_task(plan.experiment))
 
 
 def launch_hosts(hosts_file: str | Path, topology: Topology, topology_name: str, data_dir: str | Path,
@@ -331,7 +333,9 @@ def launch_hosts(hosts_file: str | Path, topology: Topology, topology_name: str,
         data = host.data_dir or str(Path(data_dir).resolve())
         workers += [RemotePeer(k, host, remote, _peer_script(host, remote, data, k, keys), peer_dir(out, k))
                     for k in ids if k not in finished]
-    progress = None if quiet else lambda: progress_line(_poll_metrics([(h, r) for h, r, _ in placed]), topology.n)
+    task = task_named(cfg.task)  # its metric names are all the progress line needs
+    progress = None if quiet else lambda: progress_line(_poll_metrics([(h, r) for h, r, _ in placed]), topology.n,
+                                                        task)
     result = Supervisor(workers, restarts=restarts, poll_s=POLL_S, progress=progress).run()
     for host, remote, ids in placed:
         _gather(host, remote, ids, out)

@@ -23,7 +23,7 @@ from p2pser.exchange.mixing import Contribution, MixingRule, consensus_distance,
 from p2pser.exchange.topology import Topology, metropolis_hastings_weights, rounds_to_agree
 from p2pser.learn.data import PeerData
 from p2pser.learn.learner import Learner, TorchLearner
-from p2pser.learn.tasks import task_named
+from p2pser.learn.tasks import CLASSIFICATION, Task, experiment_task
 from p2pser.partition.experiment import rows
 
 log = logging.getLogger(__name__)
@@ -118,16 +118,20 @@ class Peer:
         self.learner.save(folder)
 
 
-def make_learner(data: PeerData, cfg: RunConfig, peer_id: int) -> Learner:
-    """The learner of peer ``peer_id`` under ``cfg``, wrapped by the run's cross-cutting behaviour."""
+def make_learner(data: PeerData, cfg: RunConfig, peer_id: int, task: Task = CLASSIFICATION) -> Learner:
+    """The learner of peer ``peer_id`` under ``cfg`` for ``task``, wrapped by the run's cross-cutting
+    behaviour."""
     if cfg.model in ENSEMBLE_MODELS:
+        if task.name != CLASSIFICATION.name:
+            raise UserError(f"--model {cfg.model} learns categories only: use --task categorical, or an "
+                            "averageable model for dimensions")
         from p2pser.learn.bagging import BaggingLearner  # imports xgboost: only runs that use it pay
 
-        learner: Learner = BaggingLearner(data, cfg.features, task_named(), peer_id=peer_id, seed=cfg.seed,
+        learner: Learner = BaggingLearner(data, cfg.features, task, peer_id=peer_id, seed=cfg.seed,
                                           total_trees=cfg.rounds * cfg.local_steps)
     else:
         learner = TorchLearner(
-            data, cfg.model, cfg.features, train_config(cfg), task_named(),
+            data, cfg.model, cfg.features, train_config(cfg), task,
             model_seed=cfg.seed, trainer_seed=cfg.seed * 100_003 + peer_id,
             total_steps=cfg.rounds * cfg.local_steps,
             optimizer_state=cfg.optimizer_state, momentum=0.9 if cfg.momentum is None else cfg.momentum,
@@ -151,11 +155,11 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
                         "files were skipped (reasons above); fix or remove them, or use fewer peers")
     if learner is None:
         data = PeerData.from_arrays(
-            features.x, features.labels, features.lengths, own, test, plan.classes,
+            features.x, plan.experiment.row_targets(features, row_of), features.lengths, own, test, plan.classes,
             val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id, mode=cfg.normalizer,
             speakers=features.speakers,
         )
-        learner = make_learner(data, cfg, peer_id)
+        learner = make_learner(data, cfg, peer_id, experiment_task(plan.experiment))
     w = _mixing_weights(topology)
     neighbours = topology.neighbours(peer_id)
     # A peer's samples are its training files less validation and skipped ones: never more than its share.

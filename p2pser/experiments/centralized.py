@@ -7,9 +7,12 @@ registry and ``LocalTrainer``.
 
 Run folder::
 
-    summary.json                 mode, ua/wa/macro_f1 (mean over folds), per_fold, model, features, wall_s ...
-    confusion.png                confusion matrix summed over the folds
-    fold-K/metrics.json          test report (UA, WA, F1, per-class recall, confusion) and per-epoch history
+    summary.json                 mode, task, the task's metrics (mean over folds: ua/wa/macro_f1; ccc,
+                                 ccc_arousal, pearson_arousal, mae_arousal ...), per_fold, model, features,
+                                 wall_s ...
+    confusion.png                confusion matrix summed over the folds (tasks with categories)
+    fold-K/metrics.json          test report (UA, WA, F1, per-class recall, confusion; CCC, Pearson, MAE per
+                                 dimension) and per-epoch history
     fold-K/model.pt              the trained model's state_dict (torch.save; load with weights_only=True);
                                  model.json for xgb (xgboost's JSON format)
     fold-K/normalizer.json       the per-channel statistics the model's inputs were standardised with
@@ -35,7 +38,7 @@ from p2pser.features.normalize import Normalizer, standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec
 from p2pser.learn.metrics import classification_report
 from p2pser.learn.models import build_model, count_parameters
-from p2pser.learn.tasks import CLASSIFICATION, Task
+from p2pser.learn.tasks import CLASSIFICATION, Task, experiment_task
 from p2pser.learn.trainer import LocalTrainer, TrainConfig, predict_scores, recommended_config
 from p2pser.partition.experiment import Experiment, load_experiment, rows
 from p2pser.partition.folds import Split, hold_out
@@ -62,11 +65,21 @@ class Pooled:
     def classes(self) -> list[str]:
         return self.experiment.classes
 
+    @property
+    def task(self) -> Task:
+        return experiment_task(self.experiment)
+
+    @property
+    def y(self) -> np.ndarray:
+        """The task's targets of each feature row."""
+        return self.experiment.row_targets(self.features, self.row_of)
+
     def split(self, number: int, *, val_fraction: float = 0.0, seed: int = 0) -> Split:
         """Rows of ``features`` for fold ``number``: its test speakers, and its training speakers' usable
-        utterances less a class-stratified ``val_fraction`` held out for validation."""
+        utterances less a class-stratified (for dimensions: tertile-stratified) ``val_fraction`` held out
+        for validation."""
         train, test = (rows(self.row_of, part) for part in self.experiment.split(number))
-        val = hold_out(train, self.features.labels, val_fraction, seed)
+        val = hold_out(train, self.task.strata(self.y), val_fraction, seed)
         return Split(train=np.setdiff1d(train, val).astype(np.int64), val=val, test=test)
 
 
@@ -79,13 +92,14 @@ def prepare_pooled(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
+    task: str = "categorical",
 ) -> Pooled:
     """Resolve the data folder's experiment (``load_experiment``) and extract (or load cached) features."""
-    experiment = load_experiment(data_dir, folds_path=folds_path, test_speakers=test_speakers)
-    # Every utterance, not only the labelled ones: the extractor then reports those outside the classes.
-    features, row_of = experiment.extract(
-        np.arange(len(experiment.corpus.utterances)), spec, cache_dir=cache_dir, workers=workers, progress=progress
-    )
+    experiment = load_experiment(data_dir, folds_path=folds_path, test_speakers=test_speakers, task=task)
+    # Categories: every utterance, not only the labelled ones, so that the extractor reports those outside
+    # the classes. Dimensions: the labelled ones (the extractor does not filter them).
+    wanted = np.arange(len(experiment.corpus.utterances)) if task == "categorical" else experiment.labelled
+    features, row_of = experiment.extract(wanted, spec, cache_dir=cache_dir, workers=workers, progress=progress)
     return Pooled(experiment, features, row_of)
 
 
@@ -140,14 +154,18 @@ def _fit_fold(
         x_train = norm.apply(fs.x[split.train], fs.lengths[split.train])
         x_val = norm.apply(fs.x[split.val], fs.lengths[split.val])
         x_test = norm.apply(fs.x[split.test], fs.lengths[split.test])
-    y_train, y_val, y_test = fs.labels[split.train], fs.labels[split.val], fs.labels[split.test]
+    y = data.y
+    y_train, y_val, y_test = y[split.train], y[split.val], y[split.test]
     classes = data.classes
 
     if model_name in ENSEMBLE_MODELS:
+        if task.name != CLASSIFICATION.name:
+            raise UserError(f"--model {model_name} learns categories only: use --task categorical, or an "
+                            "averageable model for dimensions")
         return _fit_fold_trees(x_train, y_train, x_val, y_val, x_test, y_test, classes, norm, task, seed=seed,
                                number=number, fold_dir=fold_dir, test_speakers=fs.speakers[split.test])
-    model = build_model(model_name, x_train.shape[1], x_train.shape[2], len(classes), seed=seed)
-    trainer = LocalTrainer(model, x_train, y_train, len(classes), cfg, seed=seed)
+    model = build_model(model_name, x_train.shape[1], x_train.shape[2], task.n_outputs(len(classes)), seed=seed)
+    trainer = LocalTrainer(model, x_train, y_train, len(classes), cfg, seed=seed, task=task)
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
     t0 = time.perf_counter()
@@ -243,23 +261,26 @@ def train_experiment(
         )
     fs = data.features
     classes = data.classes
-    confusion = np.sum([np.asarray(r["confusion"]) for r in reports], axis=0)
-    pooled = _report_from_confusion(confusion, classes)
+    has_classes = "confusion" in reports[0]
+    confusion = np.sum([np.asarray(r["confusion"]) for r in reports], axis=0) if has_classes else None
     summary = {
         "mode": "centralized",
-        **{m: float(np.mean([r[m] for r in reports])) for m in task.metrics},
-        task.summary_key("pooled"): pooled[task.primary],
+        "task": task.name,
+        # A metric a fold cannot score (a dimension with no labelled test utterance) is left out of its mean.
+        **{m: float(np.mean([r[m] for r in reports if m in r])) for m in task.metrics if any(m in r for r in reports)},
+        **({"ua_pooled": _report_from_confusion(confusion, classes)["ua"]} if has_classes else {}),
         "per_fold": [
-            {k: r[k] for k in ("fold", *task.metrics, "test_speakers", "n_test", "epoch", "train_s")}
+            {k: r[k] for k in ("fold", *task.metrics, "test_speakers", "n_test", "epoch", "train_s") if k in r}
             for r in reports
         ],
         "model": model_name,
         "params": reports[-1]["params"] if model_name in ENSEMBLE_MODELS  # tree nodes
-        else count_parameters(build_model(model_name, fs.x.shape[1], fs.x.shape[2], len(classes))),
+        else count_parameters(build_model(model_name, fs.x.shape[1], fs.x.shape[2], task.n_outputs(len(classes)))),
         "features": fs.spec.kind,
         "feature_spec": fs.spec.to_dict(),
         "classes": classes,
-        "confusion": confusion.tolist(),
+        "dimensions": list(task.dimension_names),
+        "confusion": None if confusion is None else confusion.tolist(),
         "train_config": asdict(train_cfg),
         "seed": seed,
         "normalizer": normalizer,
@@ -268,9 +289,9 @@ def train_experiment(
         "n_utterances": len(fs),
         "wall_s": round(time.perf_counter() - start, 2),  # training and testing; callers may add preparation
     }
-    confusion_plot(confusion, classes, out / "confusion.png",
-                   title=f"{model_name} on {fs.spec.kind}: {task.label()} {100 * summary[task.primary]:.1f}% "
-                         f"({len(reports)} folds)")
+    if confusion is not None:
+        confusion_plot(confusion, classes, out / "confusion.png",
+                       title=f"{model_name} on {fs.spec.kind}: UA {100 * summary['ua']:.1f}% ({len(reports)} folds)")
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -299,6 +320,7 @@ def train_centralized(
     workers: int | None = None,
     progress: bool = True,
     normalizer: str = DEFAULT_NORMALIZER,
+    task: str = "categorical",
 ) -> dict:
     """``p2pser train`` as a function: prepare the data folder's experiment and run ``train_experiment``.
 
@@ -315,25 +337,34 @@ def train_centralized(
         test_speakers = [s for s in test_speakers.split(",") if s.strip()]
     pooled = prepare_pooled(
         data_dir, spec, folds_path=folds_path, test_speakers=list(test_speakers) if test_speakers else None,
-        cache_dir=cache_dir, workers=workers, progress=progress,
+        cache_dir=cache_dir, workers=workers, progress=progress, task=task,
     )
     numbers = parse_folds(fold if not test_speakers else 1, len(pooled.experiment.folds))
     cfg = train_cfg or recommended_config(model_name)
     summary = train_experiment(pooled, numbers, model_name, cfg, seed=seed, out_dir=out,
-                               val_fraction=val_fraction, progress=progress, normalizer=normalizer)
+                               val_fraction=val_fraction, progress=progress, normalizer=normalizer,
+                               task=pooled.task)
     summary.update(data_dir=str(data_dir), wall_s=round(time.perf_counter() - start, 2))
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def format_results(summary: dict, task: Task = CLASSIFICATION) -> str:
-    """The short results table ``p2pser train`` prints: one column per metric of the task."""
-    heads = {"macro_f1": "F1"}
-    lines = ["fold  " + "  ".join(f"{heads.get(m, m.upper()):>6}" for m in task.metrics) + "   test   train s"]
+    """The short results table ``p2pser train`` prints: one column per metric of the task (for dimensions
+    their CCC; Pearson's r and MAE are in summary.json)."""
+    shown = [m for m in task.metrics if m in summary and not m.startswith(("pearson_", "mae_"))]
+    heads = {"macro_f1": "F1", **{m: m.removeprefix("ccc_") for m in shown if m.startswith("ccc_")}}
+
+    def cell(metric: str, value: float | None) -> str:
+        if value is None:
+            return f"{'-':>9}"
+        return f"{100 * value:8.1f}%" if metric in ("ua", "wa", "macro_f1") else f"{value:9.3f}"
+
+    lines = ["fold " + " ".join(f"{heads.get(m, m.upper()):>9}" for m in shown) + "   test   train s"]
     for r in summary["per_fold"]:
-        lines.append(f"{r['fold']:>4}  " + "  ".join(f"{100 * r[m]:5.1f}%" for m in task.metrics)
+        lines.append(f"{r['fold']:>4} " + " ".join(cell(m, r.get(m)) for m in shown)
                      + f"  {r['n_test']:>5}  {r['train_s']:>8.1f}")
-    lines.append("mean  " + "  ".join(f"{100 * summary[m]:5.1f}%" for m in task.metrics))
+    lines.append("mean " + " ".join(cell(m, summary[m]) for m in shown))
     lines.append(f"model {summary['model']} ({summary['params']} params) on {summary['features']}; "
                  f"{summary['wall_s']:.1f} s")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from p2pser.errors import UserError
 from p2pser.exchange.attacks import attacking_peers
 from p2pser.exchange.peer import build_peer
 from p2pser.exchange.topology import Topology
+from p2pser.learn.tasks import experiment_task
 from p2pser.partition.experiment import Plan, extract_for, test_set
 from p2pser.report.run_folder import STATUS, peer_dir, write_json_atomic
 
@@ -62,6 +63,7 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes)), topology.n)
     if cfg.model in ENSEMBLE_MODELS:
         workers = 1  # a bag of received ensembles lives with its peer's event loop (not a torch learner)
+    task = experiment_task(plan.experiment)
     pool = None
     if workers > 1:
         pool = WorkerPool(workers, topology.n,
@@ -71,7 +73,7 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
                             learner=None if pool is None else RemoteLearner(pool, k)) for k in range(topology.n)]
         # Tree ensembles have no average model to track (their peers' bags are reported instead).
         averageable = getattr(peers[0].learner, "averageable", True)
-        tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes) if averageable else None
+        tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes, task) if averageable else None
         sim = Simulator(peers, topology, cfg, faults, out_dir, progress=progress,
                         on_record=tracker.add if tracker else None)
         t0 = time.perf_counter()
@@ -104,5 +106,5 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         "loop_s": round(loop_s, 3),  # wall seconds of the simulation itself (no set-up, no report)
     }
     return report_run(out_dir, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,
-                      average_model_per_round=average_model,
+                      average_model_per_round=average_model, task=task,
                      attackers=attacking_peers(cfg))

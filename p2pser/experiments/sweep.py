@@ -112,7 +112,7 @@ def run_baseline(data_dir: str | Path, cfg: RunConfig, n_peers: int, out_dir: Pa
         # The peers' training recipe exactly (config.train_config) and their feature length: only the data
         # pooling and the step count differ between the two arms.
         model_name=cfg.model, spec=feature_spec(cfg), train_cfg=train_config(cfg, epochs=epochs),
-        seed=cfg.seed, cache_dir=cfg.cache_dir, progress=True, normalizer=cfg.normalizer,
+        seed=cfg.seed, cache_dir=cfg.cache_dir, progress=True, normalizer=cfg.normalizer, task=cfg.task,
     )
     # Trees have no epochs: the pooled xgb boosts as many trees as a peer may (p2pser.learn.trees.XGB_TREES).
     trees = cfg.model in ENSEMBLE_MODELS

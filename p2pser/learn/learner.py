@@ -124,12 +124,13 @@ class TorchLearner:
         _, channels, frames = data.x_train.shape
         # Every peer starts from the same initial weights (same seed): the usual D-PSGD set-up, and the
         # consensus distance then measures only what training and mixing did.
-        self.model = build_model(model_name, channels, frames, len(data.classes), seed=model_seed)
+        # Class scores and, for a task with dimensions, one regression output each: the regression head.
+        self.model = build_model(model_name, channels, frames, task.n_outputs(len(data.classes)), seed=model_seed)
         self._float_params = {
             name: t for name, t in self.model.state_dict().items() if torch.is_floating_point(t)
         }
         self.trainer = LocalTrainer(self.model, data.x_train, data.y_train, len(data.classes), train_cfg,
-                                    seed=trainer_seed, total_steps=total_steps)
+                                    seed=trainer_seed, total_steps=total_steps, task=task)
         self.samples = len(data.y_train)
         self.template = {name: (value.shape, value.dtype) for name, value in self.snapshot().items()}
         self.timings = {"train": 0.0, "eval": 0.0}
@@ -160,8 +161,10 @@ class TorchLearner:
         data, task = self.data, self.task
         row: dict[str, float] = {}
         if len(data.y_val):
-            row[task.val_key()] = task.score(data.y_val, evaluation.scores(self.model, data.x_val),
-                                             data.classes)[task.primary]
+            value = task.score(data.y_val, evaluation.scores(self.model, data.x_val), data.classes)[task.primary]
+            # CCC needs two labelled values: a peer holding back fewer has no validation score to report.
+            if np.isfinite(value):
+                row[task.val_key()] = value
         if len(data.y_test):
             report = task.score(data.y_test, evaluation.scores(self.model, data.test_inputs()), data.classes)
             row.update(task.test_row(report))
@@ -226,7 +229,8 @@ class TorchLearner:
             self.trainer.set_inputs(self.data.x_train)
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.model_name, "features": self.features, "samples": self.samples}
+        return {"model": self.model_name, "features": self.features, "samples": self.samples,
+                "task": self.task.name}
 
     def save(self, folder: str | Path) -> None:
         """``model.npz`` (the shared parameters, no pickle) and ``normalizer.json`` (the statistics the

@@ -1,7 +1,10 @@
 """Model zoo for speech emotion recognition on feature sequences, and a registry by name.
 
 Every model takes features ``x`` of shape ``[batch, channels, frames]`` (the layout of
-``p2pser.features.spec.FeatureSet.x``) and returns class scores ``[batch, n_classes]``. Models are plain
+``p2pser.features.spec.FeatureSet.x``) and returns ``[batch, n_outputs]``: class scores, then one regression
+output per emotion dimension when the task has them (``p2pser.learn.tasks``: the last linear layer is then
+the class head and the regression head side by side, so every model of the registry, and any added to it,
+gets a regression head from its output size alone). Models are plain
 ``nn.Module`` objects whose floating-point ``state_dict()`` tensors are exactly what gossip peers average.
 
 Normalisation is GroupNorm/LayerNorm, never BatchNorm: BatchNorm's running statistics are buffers that
@@ -246,17 +249,18 @@ assert MODEL_NAMES == tuple(m for m in MODELS if m not in ENSEMBLE_MODELS), (MOD
 
 
 def build_model(name: str, in_channels: int, n_frames: int, n_classes: int, *, seed: int | None = None) -> nn.Module:
-    """Build model ``name`` for inputs ``[B, in_channels, n_frames]`` and ``n_classes`` outputs.
+    """Build model ``name`` for inputs ``[B, in_channels, n_frames]`` and ``n_classes`` outputs (class
+    scores and regression outputs together: ``Task.n_outputs``).
 
     With ``seed`` the initial weights are a function of the seed alone (the global torch RNG is left as it
     was), so every peer of a run can start from the same model.
     """
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    if in_channels < 1 or n_frames < 1 or n_classes < 2:
+    if in_channels < 1 or n_frames < 1 or n_classes < 1:
         raise UserError(
-            f"model {name!r} needs at least 1 feature channel, 1 frame and 2 classes "
-            f"(got {in_channels} channels, {n_frames} frames, {n_classes} classes)"
+            f"model {name!r} needs at least 1 feature channel, 1 frame and 1 output "
+            f"(got {in_channels} channels, {n_frames} frames, {n_classes} outputs)"
         )
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

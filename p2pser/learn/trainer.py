@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from p2pser.errors import UserError
+from p2pser.learn.losses import REGRESSION_LOSSES, TaskLoss
 from p2pser.learn.tasks import CLASSIFICATION, Task
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class TrainConfig:
     time_masks: int = 2
     time_mask_frac: float = 0.1  # widest time mask as a fraction of the frames
     time_shift: float = 0.1  # random circular shift of up to this fraction of the frames; 0 disables
+    regression_loss: str = "ccc"  # dimensions: "ccc" (1 - CCC per batch) or "mse" (p2pser.learn.losses)
 
     def __post_init__(self) -> None:
         def bad(key: str, want: str) -> UserError:
@@ -79,6 +80,8 @@ class TrainConfig:
             raise bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"choose one of {', '.join(SCHEDULES)}")
+        if self.regression_loss not in REGRESSION_LOSSES:
+            raise bad("regression_loss", f"choose one of {', '.join(REGRESSION_LOSSES)}")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -148,7 +151,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class LocalTrainer:
-    """Trains ``model`` on ``x`` ``[N, C, T]`` float32 and labels ``y`` ``[N]`` in minibatch steps.
+    """Trains ``model`` on ``x`` ``[N, C, T]`` float32 and targets ``y`` in minibatch steps: class indices
+    ``[N]``, or for a dimensional or multi-task ``task`` the float matrix of ``p2pser.learn.tasks``.
 
     Steps cycle over epochs, each a fresh shuffle; the last incomplete batch of an epoch is dropped (its
     utterances are seen in other epochs). ``total_steps`` sets the length of the learning-rate schedule
@@ -165,27 +169,35 @@ class LocalTrainer:
         *,
         seed: int,
         total_steps: int | None = None,
+        task: Task = CLASSIFICATION,
     ) -> None:
         x = np.asarray(x)
         y = np.asarray(y)
-        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-            raise ValueError(f"need x [N, C, T] and y [N] with N > 0, got {x.shape} and {y.shape}")
-        if y.min() < 0 or y.max() >= n_classes:
-            raise ValueError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
+        categorical = task.name == "categorical"
+        if x.ndim != 3 or y.ndim != (1 if categorical else 2) or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+            raise ValueError(f"need x [N, C, T] and {task.name} targets with N > 0 rows, got {x.shape} and {y.shape}")
+        classes = y if categorical else (y[:, 0].astype(np.int64) if task.name == "both" else None)
+        if classes is not None:
+            known = classes[classes >= 0]
+            if (categorical and classes.min() < 0) or (len(known) and known.max() >= n_classes):
+                raise ValueError(f"labels must lie in [0, {n_classes}), got {classes.min()}..{classes.max()}")
         self.model = model
         self.cfg = cfg
         self.n_classes = n_classes
         self.loss_kind = getattr(model, "loss_kind", "ce")
         self._x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self._y = torch.from_numpy(y.astype(np.int64) if categorical else y.astype(np.float32))
         self._fixed = self._fixed_features()
-        self._y = torch.from_numpy(y.astype(np.int64))
         self._n = int(y.shape[0])
         self._batch = min(cfg.batch_size, self._n)
         self.steps_per_epoch = self._n // self._batch
         self.total_steps = int(total_steps) if total_steps is not None else cfg.epochs * self.steps_per_epoch
         self._weight = (
-            torch.as_tensor(class_weights(y, n_classes), dtype=torch.float32) if cfg.class_weighted else None
+            torch.as_tensor(class_weights(classes[classes >= 0], n_classes), dtype=torch.float32)
+            if cfg.class_weighted and classes is not None and (classes >= 0).any() else None
         )
+        self._task_loss = TaskLoss(task.name, n_classes, weight=self._weight, hinge=self.loss_kind == "hinge",
+                                   label_smoothing=cfg.label_smoothing, regression_loss=cfg.regression_loss)
         groups = _param_groups(model, cfg.weight_decay)
         if cfg.optimizer == "adamw":
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -247,9 +259,7 @@ class LocalTrainer:
         return idx
 
     def _loss(self, scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.loss_kind == "hinge":
-            return F.multi_margin_loss(scores, y, weight=self._weight)
-        return F.cross_entropy(scores, y, weight=self._weight, label_smoothing=self.cfg.label_smoothing)
+        return self._task_loss(scores, y)
 
     def _one_step(self) -> float:
         idx = torch.from_numpy(self._next_batch())

@@ -1,8 +1,9 @@
 """From a data folder to who trains and tests on which utterances: the one data path of every run.
 
 ``load_experiment`` resolves, from the corpus listing alone (no audio read), the folds (a folds file or
-``--test-speakers``), the classes and their order, and each utterance's label (``encode_labels``, the one
-rule the feature extractor labels rows by too). From it come a fold's train and test utterances and, for
+``--test-speakers``), the task (categories, dimensions or both), the classes and their order, and each
+utterance's targets: its class (``encode_labels``, the one rule the feature extractor labels rows by too)
+and its dimensions, rescaled from the corpus's scale to -1..1 so that every corpus trains alike. From it come a fold's train and test utterances and, for
 decentralized runs, the ``Plan`` that partitions the training utterances into peers. ``p2pser train``,
 ``simulate``, ``launch`` and every ``peer`` resolve a folder the same way, so for the same folder, settings
 and seed they see the same utterances, labels and folds.
@@ -14,6 +15,7 @@ utterances and the test set and never touches another peer's speech.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,10 @@ from p2pser.errors import UserError
 from p2pser.features.extract import extract_features
 from p2pser.features.normalize import standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec, encode_labels
+from p2pser.partition import targets as task_targets
 from p2pser.partition.folds import Fold, folds_from_test_speakers, load_folds, split_fold
 from p2pser.partition.peers import partition
+from p2pser.partition.targets import DIMENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +43,32 @@ class Experiment:
     classes: list[str]  # label order: the folds file's "classes", else the corpus's emotions sorted
     labels: np.ndarray  # int64 per corpus utterance: index into classes, -1 when its emotion is not a class
     speakers: np.ndarray  # str per corpus utterance
+    task: str = "categorical"  # p2pser.partition.targets.TASK_NAMES; p2pser.learn.tasks.task_named builds it
+    dimensions: tuple[str, ...] = ()  # the dimensions the corpus labels (DIMENSIONS order)
+    targets: np.ndarray | None = None  # per corpus utterance, the task's y (p2pser.partition.targets)
+
+    def __post_init__(self) -> None:
+        if self.targets is None:
+            self.targets = self.labels
+        self.strata = task_targets.strata(self.task, self.targets)  # per utterance; -1: nothing to learn from
+        # The targets of the last feature set asked for (peers of a simulation share one): weakly held, so
+        # that dropping the features frees them.
+        self._row_targets: tuple[weakref.ref, np.ndarray] | None = None
 
     @property
     def labelled(self) -> np.ndarray:
-        """Indices of the utterances whose emotion is one of the classes: all that any run uses."""
-        return np.flatnonzero(self.labels >= 0)
+        """Indices of the utterances that carry a label of the task: all that any run uses."""
+        return np.flatnonzero(self.strata >= 0)
+
+    def row_targets(self, features: FeatureSet, row_of: dict[int, int]) -> np.ndarray:
+        """The task's targets of each row of ``features`` (extracted by ``extract``, mapped by ``row_of``)."""
+        if self._row_targets is not None and self._row_targets[0]() is features:
+            return self._row_targets[1]
+        y = np.zeros((len(features), *self.targets.shape[1:]), dtype=self.targets.dtype)
+        for index, row in row_of.items():
+            y[row] = self.targets[index]
+        self._row_targets = (weakref.ref(features), y)
+        return y
 
     def fold(self, number: int) -> Fold:
         """Fold ``number`` (1-based)."""
@@ -54,13 +79,13 @@ class Experiment:
     def split(self, number: int) -> tuple[np.ndarray, np.ndarray]:
         """Sorted indices into ``corpus.utterances`` of fold ``number``'s training and test utterances."""
         kept = self.labelled
-        split = split_fold(self.speakers[kept], self.labels[kept], self.fold(number), val_fraction=0.0)
+        split = split_fold(self.speakers[kept], self.strata[kept], self.fold(number), val_fraction=0.0)
         return kept[split.train], kept[split.test]
 
     def plan(self, number: int, *, scheme: str, n_peers: int | None, alpha: float = 0.5, seed: int = 0) -> Plan:
         """Fold ``number`` with its training utterances partitioned into peers (``p2pser.partition.peers``)."""
         train, test = self.split(number)
-        peers = partition(train, self.speakers, self.labels, scheme=scheme, n_peers=n_peers, alpha=alpha, seed=seed)
+        peers = partition(train, self.speakers, self.strata, scheme=scheme, n_peers=n_peers, alpha=alpha, seed=seed)
         return Plan(self, self.fold(number), [np.sort(p) for p in peers], np.sort(test))
 
     def extract(
@@ -73,8 +98,10 @@ class Experiment:
         the map, so callers select rows through it (``rows``) rather than assuming alignment.
         """
         indices = [int(i) for i in indices]
+        # Classes filter what the extractor keeps; a task with dimensions keeps utterances without a class.
         features = extract_features(
-            [self.corpus.utterances[i] for i in indices], spec, classes=self.classes, cache_dir=cache_dir,
+            [self.corpus.utterances[i] for i in indices], spec,
+            classes=self.classes if self.task == "categorical" else None, cache_dir=cache_dir,
             workers=workers, progress=progress,
         )
         row_of_path = {str(u.path): row for row, u in enumerate(features.utterances)}
@@ -83,13 +110,16 @@ class Experiment:
 
 
 def load_experiment(
-    data_dir: str | Path, *, folds_path: str | Path | None = None, test_speakers: list[str] | None = None
+    data_dir: str | Path, *, folds_path: str | Path | None = None, test_speakers: list[str] | None = None,
+    task: str = "categorical",
 ) -> Experiment:
-    """Read the corpus listing in ``data_dir`` and resolve its folds, classes and labels (no audio is read).
+    """Read the corpus listing in ``data_dir`` and resolve its folds, task, classes and targets (no audio is
+    read).
 
     Folds come from ``test_speakers`` (one fold), else ``folds_path``, else ``data_dir/folds.json``. A
     "classes" list in the folds file fixes the label order and drops other emotions; otherwise the classes
-    are the corpus's emotions, sorted.
+    are the corpus's emotions, sorted. ``task`` is ``categorical``, ``dimensional`` (the dimensions the
+    corpus labels) or ``both``.
     """
     if test_speakers and folds_path is not None:
         raise UserError("give either --folds or --test-speakers, not both")
@@ -107,10 +137,44 @@ def load_experiment(
         source = str(path)
     classes = list(classes) if classes else corpus.emotions()
     labels = encode_labels([u.emotion for u in corpus.utterances], classes)
-    log.info("%s: %d of %d utterances in %d classes, %d folds from %s", data_dir, int((labels >= 0).sum()),
-             len(labels), len(classes), len(folds), source)
-    return Experiment(corpus=corpus, folds=folds, folds_source=source, classes=classes, labels=labels,
-                      speakers=np.array([u.speaker for u in corpus.utterances]))
+    check_task(task, corpus, classes, data_dir)
+    dimensions = tuple(corpus.dimensions())
+    targets = task_targets.make_targets(task, labels, scaled_dimensions(corpus), dimensions)
+    experiment = Experiment(corpus=corpus, folds=folds, folds_source=source, classes=classes, labels=labels,
+                            speakers=np.array([u.speaker for u in corpus.utterances]), task=task,
+                            dimensions=dimensions, targets=targets)
+    log.info("%s: %d of %d utterances labelled for the %s task (%d classes, dimensions %s), %d folds from %s",
+             data_dir, len(experiment.labelled), len(labels), task, len(classes),
+             ",".join(corpus.dimensions()) or "none", len(folds), source)
+    return experiment
+
+
+def check_task(name: str, corpus: Corpus, classes: list[str], data_dir: str | Path) -> None:
+    """A UserError when the corpus lacks the labels task ``name`` learns from."""
+    if name not in task_targets.TASK_NAMES:
+        raise UserError(f"unknown task {name!r}; choose one of {', '.join(task_targets.TASK_NAMES)}")
+    dimensions = corpus.dimensions()
+    if name in ("dimensional", "both") and not dimensions:
+        raise UserError(f"{data_dir} labels no arousal, valence or dominance: --task {name} needs them "
+                        "(manifest columns arousal, valence, dominance); use --task categorical")
+    if name in ("categorical", "both") and len(classes) < 2:
+        hint = f"; it labels {', '.join(dimensions)}: use --task dimensional" if dimensions else ""
+        raise UserError(f"{data_dir} has {len(classes)} emotion categories, --task {name} needs at least 2{hint}")
+
+
+def scaled_dimensions(corpus: Corpus) -> np.ndarray:
+    """float32 ``[N, 3]`` (``DIMENSIONS`` order) of each utterance's dimensions mapped from the corpus's
+    scale (``Corpus.range_of``) to -1..1, NaN where unlabelled: a model's regression outputs start near the
+    middle of every scale, and CCC, which the task is scored by, is unchanged by the mapping."""
+    out = np.full((len(corpus.utterances), len(DIMENSIONS)), np.nan, dtype=np.float32)
+    for j, name in enumerate(DIMENSIONS):
+        low, high = corpus.range_of(name)
+        half = (high - low) / 2 or 1.0
+        for i, u in enumerate(corpus.utterances):
+            value = u.dimension(name)
+            if value is not None:
+                out[i, j] = (value - (low + high) / 2) / half
+    return out
 
 
 # ---- decentralized runs: the plan every peer process, the launcher and the simulator compute alike ----
@@ -144,7 +208,8 @@ def make_plan(data_dir: str | Path, cfg: RunConfig, n_peers: int | None = None) 
     if n_peers is None and cfg.partition != "speaker":
         raise UserError(f"--partition {cfg.partition} needs a number of peers (--peers N or a topology)")
     experiment = load_experiment(
-        data_dir, folds_path=cfg.folds, test_speakers=cfg.test_speakers.split(",") if cfg.test_speakers else None
+        data_dir, folds_path=cfg.folds, test_speakers=cfg.test_speakers.split(",") if cfg.test_speakers else None,
+        task=cfg.task,
     )
     return experiment.plan(cfg.fold, scheme=cfg.partition, n_peers=n_peers, alpha=cfg.alpha, seed=cfg.seed)
 
@@ -168,10 +233,10 @@ def rows(mapping: dict[int, int], indices: np.ndarray) -> np.ndarray:
 
 def test_set(features: FeatureSet, row_of: dict[int, int], plan: Plan,
              normalizer: str = "local") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, labels, lengths) of the fold's test utterances that could be read; with the ``speaker``
+    """(x, targets, lengths) of the fold's test utterances that could be read; with the ``speaker``
     normaliser each test speaker is standardised with the statistics of their own (unlabelled) test audio."""
     test_rows = rows(row_of, plan.test)
     x, lengths = features.x[test_rows], features.lengths[test_rows]
     if normalizer == "speaker":
         x = standardize_by_speaker(x, lengths, features.speakers[test_rows])
-    return x, features.labels[test_rows], lengths
+    return x, plan.experiment.row_targets(features, row_of)[test_rows], lengths

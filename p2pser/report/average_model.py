@@ -1,6 +1,6 @@
 """The average of the peers' models: the one model a decentralized run would hand over, scored on the test set.
 
-``average_model_score`` scores the average of the final models a run folder holds (every way a run can end);
+``average_model_scores`` scores the average of the final models a run folder holds (every way a run can end);
 ``AverageModelTracker`` scores it round by round in a simulation, where one process holds every peer.
 """
 
@@ -20,17 +20,27 @@ def score_state(state: Mapping[str, np.ndarray], model_name: str, seed: int, tes
                 y_test: np.ndarray, classes: list[str], task: Task = CLASSIFICATION) -> float:
     """The primary metric of one set of shared parameters (an average of peers' models) on the test set,
     averaged over the ways peers normalise it (``test_inputs``: one array per normalisation)."""
+    return score_state_metrics(state, model_name, seed, test_inputs, y_test, classes, task)[task.primary]
+
+
+def score_state_metrics(state: Mapping[str, np.ndarray], model_name: str, seed: int,
+                        test_inputs: list[np.ndarray], y_test: np.ndarray, classes: list[str],
+                        task: Task = CLASSIFICATION) -> dict[str, float]:
+    """``score_state`` for every headline metric of the task and, for dimensions, each one's CCC."""
     import torch
 
     from p2pser.learn.evaluation import scores
     from p2pser.learn.models import build_model
 
-    model = build_model(model_name, test_inputs[0].shape[1], test_inputs[0].shape[2], len(classes), seed=seed)
+    model = build_model(model_name, test_inputs[0].shape[1], test_inputs[0].shape[2],
+                        task.n_outputs(len(classes)), seed=seed)
     params = model.state_dict()
     for k, v in state.items():
         params[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
     model.load_state_dict(params)
-    return float(np.mean([task.score(y_test, scores(model, x), classes)[task.primary] for x in test_inputs]))
+    reports = [task.score(y_test, scores(model, x), classes) for x in test_inputs]
+    names = (*task.headline, *(f"ccc_{d}" for d in task.dimension_names))
+    return {m: float(np.mean([r[m] for r in reports])) for m in names if all(m in r for r in reports)}
 
 
 def spread(items: list, at_most: int = 16) -> list:
@@ -39,10 +49,10 @@ def spread(items: list, at_most: int = 16) -> list:
     return items[:: max(1, len(items) // at_most)]
 
 
-def average_model_score(run_dir: Path, model_name: str, seed: int,
-                        test: tuple[np.ndarray, np.ndarray, np.ndarray], classes: list[str],
-                        task: Task = CLASSIFICATION) -> float | None:
-    """The primary metric of the plain average of all peers' final models: how good the consensus model is.
+def average_model_scores(run_dir: Path, model_name: str, seed: int,
+                         test: tuple[np.ndarray, np.ndarray, np.ndarray], classes: list[str],
+                         task: Task = CLASSIFICATION) -> dict[str, float] | None:
+    """The headline metrics of the plain average of all peers' final models: how good the consensus model is.
 
     Each peer normalises inputs with its own statistics, so the average model is scored under peers'
     normalisers and the scores are averaged: the figure a randomly chosen peer would see with that model.
@@ -58,7 +68,7 @@ def average_model_score(run_dir: Path, model_name: str, seed: int,
     # Peers that standardise alike (the speaker and global modes) need one evaluation, not one each.
     distinct = {json.dumps(norm, sort_keys=True): norm for _, _, norm in spread(saved)}
     inputs = [Normalizer.from_dict(norm).apply(x_test, lengths) for norm in distinct.values()]
-    return score_state(mean, model_name, seed, inputs, y_test, classes, task)
+    return score_state_metrics(mean, model_name, seed, inputs, y_test, classes, task)
 
 
 class AverageModelTracker:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from p2pser.learn.tasks import CLASSIFICATION, Task
+from p2pser.learn.tasks import Task, task_of_summary
 from p2pser.report.summary import per_round, read_metrics
 
 
 def write_comparison(out_dir: Path, summaries: list[dict], baseline: dict | None,
-                     task: Task = CLASSIFICATION) -> Path:
+                     task: Task | None = None) -> Path:
     """``comparison.md`` and ``comparison.json``, and ``comparison.png``: the task's metric against rounds
     and against bytes, and the consensus distance, across the runs of a sweep."""
     import matplotlib
@@ -20,6 +20,7 @@ def write_comparison(out_dir: Path, summaries: list[dict], baseline: dict | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    task = task or task_of_summary(summaries[0])
     m = task.label()
     lines = [
         (
@@ -30,7 +31,9 @@ def write_comparison(out_dir: Path, summaries: list[dict], baseline: dict | None
     ]
 
     def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}%"
+        if v is None:
+            return "-"
+        return f"{100 * v:.1f}%" if task.primary == "ua" else f"{v:.3f}"
 
     for s in summaries:
         lines.append(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2pser.learn.tasks import CLASSIFICATION, Task
+from p2pser.learn.tasks import Task, task_of_summary
 
 
 def _fmt(value: Any) -> str:
@@ -15,9 +15,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_summary(summary: dict[str, Any], out_dir: str, task: Task = CLASSIFICATION) -> None:
-    keys = ["mode", "algorithm", "topology", "peers", "rounds", task.summary_key("mean"), task.summary_key("min"),
-            task.summary_key("average_model"), f"baseline_centralized_{task.primary}", "gap_to_centralized",
+def print_summary(summary: dict[str, Any], out_dir: str, task: Task | None = None) -> None:
+    task = task or task_of_summary(summary)
+    figures = [key for m in task.headline for key in (task.summary_key("mean", m), task.summary_key("min", m),
+                                                       task.summary_key("average_model", m),
+                                                       f"baseline_centralized_{m}")]
+    keys = ["mode", "task", "algorithm", "topology", "peers", "rounds", *figures, "gap_to_centralized",
             "consensus_distance_first", "consensus_distance_last", "bytes_sent_max_peer", "wall_s", "restarts"]
     width = max(len(k) for k in keys)
     for k in keys:

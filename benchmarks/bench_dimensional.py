@@ -1,0 +1,222 @@
+"""Issue 16: emotion dimensions by regression, pooled and by gossip, on real speech; every figure into
+benchmarks/results/dimensional.json with the commit, command and load.
+
+Parts (``--parts``, comma list; each rewrites only its own entry):
+
+- ``baved-choice``: the feature normaliser (speaker, global) and the regression loss (ccc, mse), chosen on
+  validation speakers only: fold 1's training speakers, with fold 2's test speakers held out as validation
+  (fold 1's test speakers are left out of the data altogether). The linear model, 40 epochs.
+- ``baved-pooled``: BAVED arousal (activation level -1/0/+1), the 5 speaker-independent folds of
+  ``baved/folds.json``, ``p2pser train --task dimensional`` for each model of ``--models`` with the chosen
+  normaliser and loss; mean CCC over the folds. Target: the best model at 0.60 or more.
+- ``baved-gossip``: folds ``--gossip-folds`` simulated with one peer per training speaker (the default
+  speaker partition, exponential graph, the decentralized defaults) for ``--gossip-model``: the peers' mean
+  CCC against the pooled model's on the same folds. Target: within 0.03. A fold whose run folder already
+  holds a summary is read, not rerun (about 10 minutes a fold on the loaded 2-core machine).
+- ``synth``: the built-in synthetic corpus (12 speakers, 4 folds), arousal and valence (and dominance), pooled
+  and by gossip, the linear model.
+- ``ravdess-multitask``: RAVDESS, categories alone (``--task categorical``) against categories plus arousal
+  (``--task both``), its 6 folds, the same model and recipe. RAVDESS has no rated arousal: its intensity field
+  (normal / strong) stands in as a proxy, -1 / +1. Target: UA not lower with the multi-task.
+
+    python benchmarks/bench_dimensional.py --parts baved-choice,baved-pooled,baved-gossip,synth,ravdess-multitask
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from bench_common import DATA, RESULTS, provenance, write_results
+from bench_simulate import run_timed
+
+BAVED, RAVDESS = DATA / "baved", DATA / "ravdess"
+NAME = "dimensional"
+# BAVED holds isolated words of 0.8-5.1 s: 3 s keeps nearly all of every word and saves the CNNs a quarter.
+BAVED_OPTIONS = ["--max-seconds", "3"]
+DIMS = ("arousal", "valence", "dominance")
+PEER_FIELDS = ("ccc_mean", "ccc_min", "ccc_max", "ccc_average_model", "ua_mean", "ua_min", "ua_average_model",
+               *(f"ccc_{d}_mean" for d in DIMS), *(f"ccc_{d}_average_model" for d in DIMS), "peers", "rounds",
+               "consensus_distance_first", "consensus_distance_last")
+FOLD_FIELDS = ("fold", "ua", "ccc", *(f"ccc_{d}" for d in DIMS), *(f"pearson_{d}" for d in DIMS),
+               *(f"mae_{d}" for d in DIMS), "n_test", "train_s")
+
+
+def train(work: Path, name: str, corpus: Path, *options: str) -> dict:
+    out = work / name
+    timed = run_timed(["train", str(corpus), *options, "--no-progress", "--workers", "1", "--cache-dir",
+                       str(work / "cache"), "--out", str(out)], work / f"{name}.log")
+    summary = json.loads((out / "summary.json").read_text())
+    means = {k: summary[k] for k in ("ua", "ccc", *(f"ccc_{d}" for d in DIMS)) if k in summary}
+    return timed | means | {"per_fold": [{k: f[k] for k in FOLD_FIELDS if k in f} for f in summary["per_fold"]]}
+
+
+def simulate(work: Path, name: str, corpus: Path, *options: str, reuse: bool = False) -> dict:
+    out = work / name
+    if reuse and (out / "summary.json").exists():
+        if (work / f"{name}.json").exists():
+            return json.loads((work / f"{name}.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())  # a run of an earlier invocation, untimed
+        return {"run_folder": str(out), "simulate_wall_s": summary["wall_s"]} | {
+            k: summary[k] for k in PEER_FIELDS if summary.get(k) is not None}
+    timed = run_timed(["simulate", str(corpus), *options, "--cache-dir", str(work / "cache"), "--out", str(out)],
+                      work / f"{name}.log")
+    summary = json.loads((out / "summary.json").read_text())
+    result = timed | {k: summary[k] for k in PEER_FIELDS if summary.get(k) is not None}
+    (work / f"{name}.json").write_text(json.dumps(result))
+    return result
+
+
+def baved_folds() -> list[list[str]]:
+    return [f["test_speakers"] for f in json.loads((BAVED / "folds.json").read_text())["folds"]]
+
+
+def baved_choice(work: Path, results: dict) -> None:
+    folds = baved_folds()
+    # Fold 1's training speakers only: a manifest without its test speakers, fold 2's speakers as validation.
+    manifest = work / "baved-fold1-train" / "manifest.csv"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with (BAVED / "MANIFEST.tsv").open(newline="") as fh, manifest.open("w", newline="") as out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(("file", "speaker", "sex", "arousal[-1:1]"))
+        for row in csv.DictReader(fh, delimiter="\t"):
+            if row["speaker"] not in folds[0]:
+                writer.writerow((BAVED / row["file"], row["speaker"], row["sex"], row["arousal"]))
+    runs = {}
+    for normalizer in ("speaker", "global"):
+        for loss in ("ccc", "mse"):
+            runs[f"{normalizer}-{loss}"] = train(
+                work, f"choice-{normalizer}-{loss}", manifest.parent, "--test-speakers", ",".join(folds[1]),
+                "--task", "dimensional", "--model", "svm", "--normalizer", normalizer, "--regression-loss", loss,
+                *BAVED_OPTIONS)
+    best = max(runs, key=lambda k: runs[k]["ccc"])
+    normalizer, loss = best.split("-")
+    results["baved-choice"] = {
+        "validation": "fold 1's training speakers; fold 2's test speakers held out as validation speakers",
+        "validation_ccc": {k: round(v["ccc"], 4) for k, v in runs.items()}, "runs": runs,
+        "chosen": {"normalizer": normalizer, "regression_loss": loss},
+    }
+
+
+def chosen(results: dict) -> list[str]:
+    if "baved-choice" not in results:
+        raise SystemExit("run --parts baved-choice first: the pooled and gossip runs use its choice")
+    choice = results["baved-choice"]["chosen"]
+    return ["--normalizer", choice["normalizer"], "--regression-loss", choice["regression_loss"]]
+
+
+def baved_pooled(work: Path, results: dict, models: list[str]) -> None:
+    entry = results.setdefault("baved-pooled", {"models": {}})
+    for model in models:
+        entry["models"][model] = train(work, f"baved-{model}", BAVED, "--fold", "all", "--task", "dimensional",
+                                       "--model", model, *chosen(results), *BAVED_OPTIONS)
+        results["baved-pooled"] = _best(entry)
+        write_results(NAME, results)  # after every model: a long part keeps what it has measured
+
+
+def _best(entry: dict) -> dict:
+    ranked = sorted(entry["models"], key=lambda m: entry["models"][m]["ccc"], reverse=True)
+    best = ranked[0]
+    return entry | {"mean_ccc": {m: round(entry["models"][m]["ccc"], 4) for m in ranked}, "best_model": best,
+                    "target": 0.60, "met": entry["models"][best]["ccc"] >= 0.60}
+
+
+def baved_gossip(work: Path, results: dict, model: str, numbers: list[int]) -> None:
+    pooled = results.get("baved-pooled", {}).get("models", {}).get(model)
+    if pooled is None:
+        raise SystemExit(f"run --parts baved-pooled with {model} first: gossip is compared with its folds")
+    folds = []
+    for k in numbers:
+        run = simulate(work, f"baved-gossip-{model}-fold{k}", BAVED, "--fold", str(k), "--task", "dimensional",
+                       "--model", model, *chosen(results), *BAVED_OPTIONS, reuse=True)
+        folds.append({"fold": k, **run, "pooled_ccc": pooled["per_fold"][k - 1]["ccc"]})
+    mean = float(np.mean([f["ccc_mean"] for f in folds]))
+    same_folds = float(np.mean([f["pooled_ccc"] for f in folds]))
+    results["baved-gossip"] = {
+        "model": model, "folds": folds, "mean_peer_ccc": round(mean, 4),
+        "mean_average_model_ccc": round(float(np.mean([f["ccc_average_model"] for f in folds])), 4),
+        "pooled_ccc_same_folds": round(same_folds, 4), "gap": round(same_folds - mean, 4), "target_gap": 0.03,
+        "met": same_folds - mean <= 0.03,
+    }
+
+
+def synth(work: Path, results: dict) -> None:
+    corpus = work / "synth"
+    if not (corpus / "manifest.csv").exists():
+        run_timed(["data", "synth", str(corpus), "--speakers", "12", "--per-emotion", "10", "--seed", "0"],
+                  work / "synth-data.log")
+    pooled = train(work, "synth-pooled", corpus, "--fold", "all", "--task", "dimensional", "--model", "svm",
+                   "--normalizer", "global")
+    folds = []
+    for k in range(1, len(pooled["per_fold"]) + 1):
+        folds.append({"fold": k, **simulate(work, f"synth-gossip-fold{k}", corpus, "--fold", str(k), "--task",
+                                            "dimensional", "--model", "svm", "--normalizer", "global")})
+    gossip = {key: round(float(np.mean([f[key] for f in folds])), 4)
+              for key in ("ccc_mean", *(f"ccc_{d}_mean" for d in DIMS), "ccc_average_model")}
+    results["synth"] = {"corpus": "p2pser data synth --speakers 12 --per-emotion 10 --seed 0 (4 folds)",
+                        "model": "svm", "normalizer": "global", "pooled": pooled, "gossip_folds": folds,
+                        "gossip_means": gossip}
+
+
+def ravdess_multitask(work: Path, results: dict, model: str) -> None:
+    # A manifest over the shared files (no audio copied) with the intensity field as an arousal proxy.
+    from p2pser.audio.corpora import RAVDESS_RE, load_corpus
+
+    folder = work / "ravdess-intensity"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(("file", "speaker", "emotion", "sex", "arousal[-1:1]"))
+        for u in load_corpus(RAVDESS).utterances:
+            intensity = int(RAVDESS_RE.fullmatch(u.path.stem).group(4))  # 01 normal, 02 strong
+            writer.writerow((u.path, u.speaker, u.emotion, u.sex, -1 if intensity == 1 else 1))
+    options = ["--fold", "all", "--folds", str(RAVDESS / "folds.json"), "--model", model]
+    categorical = train(work, f"ravdess-{model}-categorical", folder, *options, "--task", "categorical")
+    both = train(work, f"ravdess-{model}-both", folder, *options, "--task", "both")
+    results[f"ravdess-multitask-{model}"] = {
+        "model": model, "arousal_proxy": "RAVDESS intensity field: normal -1, strong +1 (not a rated arousal)",
+        "categorical": categorical, "both": both,
+        "ua_categorical": round(categorical["ua"], 4), "ua_both": round(both["ua"], 4),
+        "ccc_arousal_proxy_both": round(both["ccc"], 4),
+        "ua_difference_points": round(100 * (both["ua"] - categorical["ua"]), 2),
+        "met": both["ua"] >= categorical["ua"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="baved-choice,baved-pooled,baved-gossip,synth,ravdess-multitask")
+    parser.add_argument("--models", default="svm,cnn1d-shallow,cnn1d,cnn2d,crnn", help="baved-pooled models")
+    parser.add_argument("--gossip-model", default="svm", help="baved-gossip model")
+    parser.add_argument("--gossip-folds", default="1,2,3,4,5", help="baved-gossip folds")
+    parser.add_argument("--multitask-model", default="svm", help="ravdess-multitask model")
+    parser.add_argument("--work", default="/tmp/p2pser-bench-dimensional", help="run folders and feature cache")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{NAME}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for part in args.parts.split(","):
+        if part == "baved-choice":
+            baved_choice(work, results)
+        elif part == "baved-pooled":
+            baved_pooled(work, results, args.models.split(","))
+        elif part == "baved-gossip":
+            baved_gossip(work, results, args.gossip_model, [int(k) for k in args.gossip_folds.split(",")])
+        elif part == "synth":
+            synth(work, results)
+        elif part == "ravdess-multitask":
+            ravdess_multitask(work, results, args.multitask_model)
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+        results.setdefault("provenance", {})[part] = provenance(sys.argv)
+        write_results(NAME, results)
+        print(f"{part}: done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -139,8 +139,8 @@ def test_multi_task_scores_categories_and_dimensions_side_by_side():
 
 def test_train_writes_ccc_per_fold_and_their_mean(small_baved, tmp_path):
     out = tmp_path / "train"
-    result = p2pser("train", small_baved, "--test-speakers", TEST_SPEAKER, "--task", "dimensional", "--model",
-                    "svm", "--normalizer", "global", "--epochs", "30", "--max-seconds", "2", "--workers", "1",
+    result = p2pser("train", small_baved, "--test-speakers", TEST_SPEAKER, "--task", "dimensional",
+                    "--features", "mfcc", "--model", "svm", "--normalizer", "global", "--epochs", "30", "--max-seconds", "2", "--workers", "1",
                     "--cache-dir", tmp_path / "cache", "--no-progress", "--out", out, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -160,8 +160,8 @@ def test_two_real_peers_learn_arousal_by_gossip(small_baved, tmp_path):
     topology = topology_file(tmp_path, "ring", 2)
     out = tmp_path / "run"
     result = p2pser("launch", topology, small_baved, "--test-speakers", TEST_SPEAKER, "--task", "dimensional",
-                    "--model", "svm", "--normalizer", "global", "--rounds", "12", "--local-steps", "4",
-                    "--eval-every", "4", "--final-mixing", "4", "--batch-size", "8", "--max-seconds", "2",
+                    "--features", "mfcc", "--model", "svm", "--normalizer", "global", "--rounds", "12",
+                    "--local-steps", "4", "--eval-every", "4", "--final-mixing", "4", "--batch-size", "8", "--max-seconds", "2",
                     "--cache-dir", tmp_path / "cache", "--quiet", "--out", out, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

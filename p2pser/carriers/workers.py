@@ -45,6 +45,7 @@ _DEFERRED = ("train", "load", "mix", "advance_to", "adopt_moments", "restore")
 _METHODS = ("step_size", "evaluate", "snapshot", "outgoing", "moments", "moments_template", "checkpoint_state",
             "identity", "save")
 METHOD = "<method>"  # what a worker answers when the attribute read is a method
+MISSING = "<missing>"  # ... and when the learner has no such attribute (optional ones: getattr's default)
 
 
 class WorkerError(RuntimeError):
@@ -110,11 +111,11 @@ def _serve(conn, build: Callable[[int], Any], peers: list[int]) -> None:
             return
         peer, name, args, kwargs = request
         try:
-            attr = getattr(learners[peer], name)
             if args is None:  # reading an attribute: a method does not cross processes, only the fact
+                attr = getattr(learners[peer], name, MISSING)
                 conn.send((True, METHOD if callable(attr) else attr))
             else:
-                conn.send((True, attr(*args, **kwargs)))
+                conn.send((True, getattr(learners[peer], name)(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 -- a failing call is the caller's error, raised there
             conn.send((False, traceback.format_exc()))
 
@@ -241,9 +242,14 @@ class RemoteLearner:
             raise AttributeError(name)
         if name in _DEFERRED:
             return lambda *args, **kwargs: self._pool.call(self._peer, name, args, kwargs, wait=False)
-        if name in _METHODS or self._pool.call(self._peer, name, None) == METHOD:
+        if name in _METHODS:
             return lambda *args, **kwargs: self._pool.call(self._peer, name, args, kwargs)
-        return self._pool.call(self._peer, name, None)
+        value = self._pool.call(self._peer, name, None)
+        if value == METHOD:
+            return lambda *args, **kwargs: self._pool.call(self._peer, name, args, kwargs)
+        if value == MISSING:
+            raise AttributeError(name)
+        return value
 
 
 def _as_is(state, round_):

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_scale.py [--cases svm-1000,cnn-256] [--rounds 30]
 
-A synthetic corpus (``p2pser data synth``, 40 speakers x 30 utterances per emotion, 7,200 utterances) is split
+A synthetic corpus (``p2pser data synth``, 40 speakers x 15 utterances per emotion, 3,600 utterances) is split
 iid among the peers, which talk on a random-regular graph of degree 8 (D-PSGD, no final averaging rounds,
 test UA every 10 rounds and at the end). Each case is one ``p2pser simulate`` process with its learners in
 that process (``--workers 1``), so its peak resident memory (``ru_maxrss``) is the whole run's; seconds per
@@ -45,7 +45,7 @@ def main() -> None:
         corpus = Path(args.corpus) if args.corpus else tmp / "synth"
         if not args.corpus:
             subprocess.run([sys.executable, "-m", "p2pser", "data", "synth", str(corpus), "--speakers", "40",
-                            "--per-emotion", "30"], check=True, env=env, stdout=subprocess.DEVNULL)
+                            "--per-emotion", "15"], check=True, env=env, stdout=subprocess.DEVNULL)
         for name, n_rounds in zip(cases, rounds, strict=True):
             model, peers = CASES[name]
             out = tmp / name

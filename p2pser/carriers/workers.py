@@ -32,6 +32,8 @@ from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from p2pser.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Learner attributes that never change after construction: fetched once.
@@ -98,6 +100,9 @@ def _serve(conn, build: Callable[[int], Any], peers: list[int]) -> None:
             learners[i] = build(i)
         conn.send((True, {i: {k: getattr(lr, k) for k in _CONSTANT} | {"plain_outgoing": _plain_outgoing(lr)}
                           for i, lr in learners.items()}))
+    except UserError as exc:  # a user's mistake (a peer without usable audio): the same one line
+        conn.send((False, exc))
+        return
     except BaseException:  # noqa: BLE001 -- reported to the main process, which raises it
         conn.send((False, traceback.format_exc()))
         return
@@ -142,7 +147,7 @@ class WorkerPool:
             for w, conn in enumerate(self._conns):
                 ok, value = conn.recv()
                 if not ok:
-                    raise WorkerError(value)
+                    raise value if isinstance(value, UserError) else WorkerError(value)
                 self.constants.update(value)
         except BaseException:
             self.close()

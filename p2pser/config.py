@@ -32,6 +32,11 @@ MODELS = ("svm", "cnn1d-shallow", "cnn1d", "cnn2d", "crnn")  # the registry in p
 OPTIMIZERS = ("adamw", "sgd")
 NORMALIZERS = ("speaker", "global", "local")
 OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
+# Differential privacy and audits (issue 15): p2pser.learn.privacy, p2pser.exchange.privacy, p2pser audit.
+DP_MODES = ("none", "utterance", "speaker")
+DP_ACCOUNTANTS = ("rdp", "prv")
+DP_NOISE = ("seeded", "os")
+RECORD_UPDATES = ("off", "first-layer")  # what p2pser.exchange.recording keeps
 
 
 def _opt(help_text: str, **choices: Any) -> dict:
@@ -124,12 +129,40 @@ class RunConfig:
     pull_rate: float = field(
         default=0.5, **_opt("pull answers per second per neighbour after a burst of 4 (0 = no limit)")
     )
+    # -- differential privacy and audits (issue 15) --
+    dp: str = field(
+        default="none", **_opt("differential privacy: DP-SGD per utterance, or clip and noise each round's model "
+                               "change so a peer's whole data set is protected", choices=DP_MODES)
+    )
+    dp_epsilon: float | None = field(
+        default=None, **_opt("--dp: target epsilon for the whole run (the noise is calibrated to it)")
+    )
+    dp_delta: float = field(default=1e-5, **_opt("--dp: delta; must be below 1/records (utterances or peers)"))
+    dp_clip: float | None = field(
+        default=None, **_opt("--dp: L2 bound of an utterance's gradient (default 1.0) or of a round's model "
+                             "change (default 0.5)")
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None, **_opt("--dp: noise std / clip, instead of calibrating to --dp-epsilon (which is then a cap)")
+    )
+    dp_accountant: str = field(default="rdp", **_opt("--dp: Opacus accountant (rdp, or prv: tighter)",
+                                                     choices=DP_ACCOUNTANTS))
+    dp_noise: str = field(
+        default="seeded", **_opt("--dp: noise drawn from the run's seed (reproducible) or the OS's entropy "
+                                 "(deployment: a neighbour who knows the seed could subtract seeded noise)",
+                                 choices=DP_NOISE)
+    )
+    record_updates: str = field(
+        default="off", **_opt("keep each peer's first-layer update per round for `p2pser audit`",
+                              choices=RECORD_UPDATES)
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY),
                               ("optimizer_state", OPTIMIZER_STATES), ("normalizer", NORMALIZERS),
                               ("resume", RESUME), ("liveness", LIVENESS), ("mixing", MIXINGS), ("attack", ATTACKS),
-                              ("peer_address", PEER_ADDRESS)):
+                              ("peer_address", PEER_ADDRESS), ("dp", DP_MODES), ("dp_accountant", DP_ACCOUNTANTS),
+                              ("dp_noise", DP_NOISE), ("record_updates", RECORD_UPDATES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
@@ -149,6 +182,13 @@ class RunConfig:
             raise UserError(f"config key 'momentum' must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
+        for name in ("dp_epsilon", "dp_clip", "dp_noise_multiplier"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise UserError(f"config key 'dp_delta' must be in (0, 1), got {self.dp_delta}")
+        if self.dp != "none" and self.dp_epsilon is None and self.dp_noise_multiplier is None:
+            raise UserError(f"--dp {self.dp} needs --dp-epsilon E (a target) or --dp-noise-multiplier S")
 
     def attacker_ids(self) -> frozenset[int]:
         """The peers that run ``attack`` (an experiment's Byzantine peers)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from p2pser.cli.features import add_spec_arguments, spec_from_args
-from p2pser.config import NORMALIZERS, RunConfig
+from p2pser.config import DP_ACCOUNTANTS, DP_MODES, NORMALIZERS, RunConfig
 from p2pser.features.cache import default_cache_dir
 from p2pser.runtime import pin_threads
 
@@ -47,7 +47,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"feature cache folder (default $P2PSER_CACHE_DIR or {default_cache_dir()})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to create for the results")
+    add_dp_arguments(p)
     p.set_defaults(func=_run)
+
+
+def add_dp_arguments(p: argparse.ArgumentParser) -> None:
+    """The pooled model's differential privacy (issue 15; the decentralized runs take the same keys)."""
+    p.add_argument("--dp", choices=DP_MODES, default="none",
+                   help="DP-SGD with each utterance, or each speaker (all their utterances), as the protected "
+                        "unit [none]")
+    p.add_argument("--dp-epsilon", type=float, default=None, help="--dp: target epsilon of the whole training")
+    p.add_argument("--dp-delta", type=float, default=RunConfig.dp_delta,
+                   help=f"--dp: delta, below 1/records [{RunConfig.dp_delta}]")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="--dp: L2 bound of a unit's gradient [1.0]")
+    p.add_argument("--dp-noise-multiplier", type=float, default=None,
+                   help="--dp: noise std / clip instead of calibrating to --dp-epsilon (then a cap)")
+    p.add_argument("--dp-accountant", choices=DP_ACCOUNTANTS, default="rdp", help="--dp: Opacus accountant [rdp]")
+
+
+def dp_from_args(args: argparse.Namespace):
+    from p2pser.errors import UserError
+    from p2pser.experiments.centralized import PooledDP
+
+    if args.dp == "none":
+        return None
+    if args.dp_epsilon is None and args.dp_noise_multiplier is None:
+        raise UserError(f"--dp {args.dp} needs --dp-epsilon E (a target) or --dp-noise-multiplier S")
+    for flag in ("dp_epsilon", "dp_clip", "dp_noise_multiplier"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not 0 < args.dp_delta < 1:
+        raise UserError(f"--dp-delta must be in (0, 1), got {args.dp_delta}")
+    return PooledDP(args.dp, args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_noise_multiplier,
+                    args.dp_accountant)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -61,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         args.data_dir, args.out, folds_path=args.folds, fold=args.fold, test_speakers=args.test_speakers,
         model_name=args.model, spec=spec_from_args(args), train_cfg=cfg, seed=args.seed,
         val_fraction=args.val_fraction, cache_dir=args.cache_dir, workers=args.workers,
-        progress=not args.no_progress, normalizer=args.normalizer,
+        progress=not args.no_progress, normalizer=args.normalizer, dp=dp_from_args(args),
     )
     print(format_results(summary))
     print(f"results: {args.out}/summary.json, confusion matrix: {args.out}/confusion.png")

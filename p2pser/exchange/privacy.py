@@ -49,6 +49,17 @@ def check_dp_config(cfg: RunConfig) -> None:
                         "dpsgd, gossip or fedavg")
 
 
+def preflight(cfg: RunConfig, peer_sizes: list[int]) -> None:
+    """Refuse a run whose DP settings cannot hold, before any peer starts (``launch``): the checks each peer
+    makes, on the plan's sizes (a peer's training utterances are its files less validation)."""
+    check_dp_config(cfg)
+    if cfg.dp == "speaker":
+        speaker_plan(cfg, len(peer_sizes))
+    elif cfg.dp == "utterance":
+        for size in sorted(set(peer_sizes)):
+            utterance_plan(cfg, max(1, int(size * (1 - cfg.val_fraction))))
+
+
 def dp_seed(cfg: RunConfig, peer_id: int) -> int | None:
     """The noise generator's seed of a peer: from the run's seed (reproducible) or None (the OS's entropy)."""
     if cfg.dp_noise == "os":

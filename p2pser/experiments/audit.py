@@ -117,9 +117,9 @@ def shadow_traces(meta: dict[str, Any], shadow_dir: Path, out: Path, *, folds: i
                   progress: bool) -> tuple[Traces, list[str]]:
     """Simulate shadow peers on ``shadow_dir`` with the target's settings, one run per fold; their traces
     (trace ids made unique across folds) and the run folders."""
+    from p2pser.carriers.faults import FaultPlan
     from p2pser.exchange.topology import make_topology
     from p2pser.experiments.simulate import simulate_run
-    from p2pser.carriers.faults import FaultPlan
     from p2pser.partition.experiment import load_experiment, make_plan
 
     target = RunConfig(**meta["config"])

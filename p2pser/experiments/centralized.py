@@ -49,6 +49,36 @@ DEFAULT_FEATURES = RunConfig.features
 DEFAULT_NORMALIZER = RunConfig.normalizer
 
 
+@dataclass(frozen=True)
+class PooledDP:
+    """Differential privacy of the pooled model (``p2pser train --dp``): DP-SGD per utterance, or per
+    speaker (each step samples speakers; a speaker's gradient is clipped as one unit)."""
+
+    mode: str  # "utterance" or "speaker"
+    epsilon: float | None
+    delta: float = 1e-5
+    clip: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: str = "rdp"
+
+
+def pooled_privacy_plan(dp: PooledDP, cfg: TrainConfig, speakers: np.ndarray):
+    """The DP-SGD plan of pooled training: sampling rate batch/utterances (or expected speakers per step
+    over speakers), ``epochs * steps_per_epoch`` steps."""
+    from p2pser.learn.privacy import PrivacyPlan
+    from p2pser.learn.trainer import GROUP_TAKE
+
+    n = len(speakers)
+    steps = cfg.epochs * max(n // min(cfg.batch_size, n), 1)
+    if dp.mode == "speaker":
+        units = len(np.unique(speakers))
+        rate = min(1.0, max(cfg.batch_size / GROUP_TAKE, 1.0) / units)
+    else:
+        units, rate = n, min(1.0, cfg.batch_size / n)
+    return PrivacyPlan.make(dp.mode, epsilon=dp.epsilon, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
+                            delta=dp.delta, sample_rate=rate, steps=steps, records=units, accountant=dp.accountant)
+
+
 @dataclass
 class Pooled:
     """An experiment with the features of all its utterances, pooled as centralized training uses them."""
@@ -119,6 +149,7 @@ def _fit_fold(
     progress: bool,
     task: Task,
     normalizer: str,
+    dp: PooledDP | None = None,
 ) -> dict:
     fs = data.features
     split = data.split(number, val_fraction=val_fraction, seed=seed)
@@ -143,7 +174,10 @@ def _fit_fold(
     classes = data.classes
 
     model = build_model(model_name, x_train.shape[1], x_train.shape[2], len(classes), seed=seed)
-    trainer = LocalTrainer(model, x_train, y_train, len(classes), cfg, seed=seed)
+    plan = None if dp is None else pooled_privacy_plan(dp, cfg, fs.speakers[split.train])
+    trainer = LocalTrainer(model, x_train, y_train, len(classes), cfg, seed=seed, privacy=plan,
+                           groups=fs.speakers[split.train] if plan is not None and plan.mode == "speaker" else None,
+                           dp_seed=seed)
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
     t0 = time.perf_counter()
@@ -165,6 +199,8 @@ def _fit_fold(
         model.load_state_dict(best[2])
 
     report = task.score(y_test, predict_scores(model, x_test), classes)
+    if trainer.dp is not None:
+        report.update(dp_epsilon=trainer.dp.accountant.epsilon(), dp_noise_multiplier=plan.noise_multiplier)
     report.update(
         fold=number,
         test_speakers=sorted(set(fs.speakers[split.test].tolist())),
@@ -196,6 +232,7 @@ def train_experiment(
     progress: bool = True,
     task: Task = CLASSIFICATION,
     normalizer: str = DEFAULT_NORMALIZER,
+    dp: PooledDP | None = None,
 ) -> dict:
     """Train and test one model per fold of a pooled experiment; write the run folder; return the summary.
 
@@ -210,7 +247,8 @@ def train_experiment(
     for number in tqdm(folds, desc="folds", unit="fold", disable=not progress or len(folds) == 1):
         reports.append(
             _fit_fold(data, number, model_name, train_cfg, seed=seed, val_fraction=val_fraction,
-                      fold_dir=out / f"fold-{number}", progress=progress, task=task, normalizer=normalizer)
+                      fold_dir=out / f"fold-{number}", progress=progress, task=task, normalizer=normalizer,
+                      dp=dp)
         )
     fs = data.features
     classes = data.classes
@@ -237,6 +275,9 @@ def train_experiment(
         "folds_source": data.experiment.folds_source,
         "n_utterances": len(fs),
         "wall_s": round(time.perf_counter() - start, 2),  # training and testing; callers may add preparation
+        "dp_mode": "none" if dp is None else dp.mode,
+        "dp_epsilon": None if dp is None else max(r["dp_epsilon"] for r in reports),
+        "dp_delta": None if dp is None else dp.delta,
     }
     confusion_plot(confusion, classes, out / "confusion.png",
                    title=f"{model_name} on {fs.spec.kind}: {task.label()} {100 * summary[task.primary]:.1f}% "
@@ -269,6 +310,7 @@ def train_centralized(
     workers: int | None = None,
     progress: bool = True,
     normalizer: str = DEFAULT_NORMALIZER,
+    dp: PooledDP | None = None,
 ) -> dict:
     """``p2pser train`` as a function: prepare the data folder's experiment and run ``train_experiment``.
 
@@ -290,7 +332,7 @@ def train_centralized(
     numbers = parse_folds(fold if not test_speakers else 1, len(pooled.experiment.folds))
     cfg = train_cfg or recommended_config(model_name)
     summary = train_experiment(pooled, numbers, model_name, cfg, seed=seed, out_dir=out,
-                               val_fraction=val_fraction, progress=progress, normalizer=normalizer)
+                               val_fraction=val_fraction, progress=progress, normalizer=normalizer, dp=dp)
     summary.update(data_dir=str(data_dir), wall_s=round(time.perf_counter() - start, 2))
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary

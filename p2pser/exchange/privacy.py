@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 
 # Separates the DP noise's random stream from every other use of (seed, peer).
 _STREAM = 0xD9
-# Default clipping bounds. Utterance: a per-utterance gradient norm, as in Opacus's examples. Speaker: about
-# the median L2 norm of one round's model change of the default recipe without DP (cnn1d-shallow, 8 AdamW
-# steps; measured on RAVDESS fold 1's training actors, benchmarks/bench_privacy.py --parts clip).
+# Default clipping bounds, not tuned. Utterance: a per-utterance gradient norm, as in Opacus's examples.
+# Speaker: of the order of one round's model change of the default recipe (cnn1d-shallow, 8 AdamW steps of
+# at most lr = 2e-3 per coordinate). The signal-to-noise ratio per coordinate, 1 / (noise_multiplier *
+# sqrt(parameters)), does not depend on it; the clip only sets how far the noise throws the model.
 DEFAULT_CLIP = {"utterance": 1.0, "speaker": 0.5}
 
 

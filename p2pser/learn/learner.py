@@ -125,12 +125,13 @@ class TorchLearner:
         # Every peer starts from the same initial weights (same seed): the usual D-PSGD set-up, and the
         # consensus distance then measures only what training and mixing did.
         self.model = build_model(model_name, channels, frames, len(data.classes), seed=model_seed)
-        # The trainer first: DP-SGD may swap modules for per-sample-gradient ones (same names and values).
+        shared = [name for name, t in self.model.state_dict().items() if torch.is_floating_point(t)]
+        # DP-SGD may swap modules for per-sample-gradient ones (Opacus's DPGRU: the same names, as aliases of
+        # its own parameters): the shared state keeps the original names, looked up after the swap.
         self.trainer = LocalTrainer(self.model, data.x_train, data.y_train, len(data.classes), train_cfg,
                                     seed=trainer_seed, total_steps=total_steps, privacy=privacy, dp_seed=dp_seed)
-        self._float_params = {
-            name: t for name, t in self.model.state_dict().items() if torch.is_floating_point(t)
-        }
+        tensors = self.model.state_dict(keep_vars=True)
+        self._float_params = {name: tensors[name].data for name in shared}
         self._last_steps = 0
         self.samples = len(data.y_train)
         self.template = {name: (value.shape, value.dtype) for name, value in self.snapshot().items()}

@@ -1,0 +1,79 @@
+"""Issue 15: what differential privacy costs and what it buys, on real speech.
+
+RAVDESS fold 1, 20 peers (one actor each) on topologies/exponential-20.toml, the default model and recipe,
+simulated (``p2pser simulate`` gives the launch's numbers exactly; BENCHMARKS.md, issue 11), each arm with
+``--record-updates first-layer`` and then attacked by ``p2pser audit RUN --shadow EMODB`` (shadow peers on
+EmoDB, which is disjoint from RAVDESS and labels sex). Per arm: task UA (mean of peers, average model), the
+worst peer's epsilon, the attack's UAR with its 95% bootstrap interval, and the wall time of the simulation
+(the overhead of each DP mode against no DP, same machine, same script).
+
+Arms (``--arms``, comma list, in order; each rewrites its own entry in benchmarks/results/privacy.json):
+``none``, ``speaker-10``, ``speaker-4``, ``speaker-1``, ``utterance-10``, ``utterance-4``, ``utterance-1``.
+Delta is fixed at the default 1e-5 (below 1/20 peers and 1/51 utterances of a peer).
+
+    python benchmarks/bench_privacy.py --arms none,speaker-10,utterance-10,speaker-4,utterance-4,speaker-1,utterance-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench_common import DATA, REPO, RESULTS, provenance, write_results
+from bench_simulate import run_timed
+
+RAVDESS, EMODB = DATA / "ravdess", DATA / "emodb"
+TOPOLOGY = REPO / "topologies" / "exponential-20.toml"
+ARMS = {
+    "none": [],
+    **{f"{mode}-{eps}": ["--dp", mode, "--dp-epsilon", str(eps)] for mode in ("speaker", "utterance")
+       for eps in (10, 4, 1)},
+}
+SUMMARY_FIELDS = ("ua_mean", "ua_min", "ua_average_model", "dp_mode", "dp_epsilon", "dp_delta", "rounds", "peers")
+AUDIT_FIELDS = ("attack_uar", "ci_low", "ci_high", "chance", "attack_uar_vote", "peers_attacked", "predictions",
+                "shadow_peers", "shadow_speakers", "shadow_cv_uar", "attack_uar_per_round")
+
+
+def arm(work: Path, name: str, shadow_folds: int) -> dict:
+    out = work / name
+    sim = run_timed(["simulate", str(RAVDESS), "--fold", "1", "--topology", str(TOPOLOGY), *ARMS[name],
+                     "--record-updates", "first-layer", "--cache-dir", str(work / "cache"), "--out", str(out)],
+                    work / f"{name}.log")
+    summary = json.loads((out / "summary.json").read_text())
+    audit = run_timed(["audit", str(out), "--shadow", str(EMODB), "--shadow-folds", str(shadow_folds)],
+                      work / f"{name}-audit.log")
+    result = json.loads((out / "audit.json").read_text())
+    return {"simulate": sim, "audit_command": audit["command"], "audit_wall_s": audit["wall_s"],
+            **{k: summary.get(k) for k in SUMMARY_FIELDS}, **{k: result.get(k) for k in AUDIT_FIELDS}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/privacy-work"))
+    parser.add_argument("--shadow-folds", type=int, default=2,
+                        help="EmoDB folds the attacker simulates (2 cover all 10 speakers as shadow peers)")
+    parser.add_argument("--name", default="privacy", help="results file name")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
+    results = json.loads(path.read_text()).get("arms", {}) if path.exists() else {}
+    for name in args.arms.split(","):
+        if name not in ARMS:
+            raise SystemExit(f"unknown arm {name!r}; known: {', '.join(ARMS)}")
+        results[name] = arm(args.work, name, args.shadow_folds)
+        base = results.get("none")
+        for entry in results.values():
+            if base is not None:
+                entry["wall_overhead_vs_none"] = round(entry["simulate"]["wall_s"] / base["simulate"]["wall_s"] - 1, 3)
+                entry["ua_drop_vs_none"] = None if entry["ua_mean"] is None else base["ua_mean"] - entry["ua_mean"]
+        write_results(args.name, {"arms": results, "delta": 1e-5} | provenance(sys.argv))
+        print(f"{name}: UA {results[name]['ua_mean']}, epsilon {results[name]['dp_epsilon']}, "
+              f"attack UAR {results[name]['attack_uar']} [{results[name]['ci_low']}, {results[name]['ci_high']}]",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

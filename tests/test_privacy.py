@@ -201,3 +201,32 @@ def test_simulated_run_reports_epsilon_per_peer_per_round(mode, synth_corpus, tm
         spent = [r["dp_epsilon"] for r in rows]
         assert len(rows) == 5 and spent == sorted(spent) and spent[0] > 0
         assert spent[-1] == spent[-2]  # the final averaging round releases nothing new
+
+
+@pytest.mark.slow
+def test_launch_runs_both_dp_modes_through_real_peers_and_matches_the_simulator(synth_corpus, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_launch import topology_file
+
+    topo = topology_file(tmp_path, "ring", 3)
+    opts = ["--model", "svm", "--partition", "iid", "--max-seconds", "1.5", "--rounds", "3", "--final-mixing", "1",
+            "--local-steps", "2", "--eval-every", "2", "--dp-epsilon", "5", "--record-updates", "first-layer",
+            "--cache-dir", str(tmp_path / "cache")]
+    for mode in ("speaker", "utterance"):
+        runs = {}
+        for command in ("launch", "simulate") if mode == "utterance" else ("launch",):
+            out = tmp_path / f"{command}-{mode}"
+            where = [str(topo), str(synth_corpus), "--quiet"] if command == "launch" else \
+                [str(synth_corpus), "--topology", str(topo)]
+            result = subprocess.run([sys.executable, "-m", "p2pser", command, *where, "--dp", mode, *opts,
+                                     "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[command] = json.loads((out / "summary.json").read_text())
+            assert (out / "peer-000" / "updates.npz").exists()
+        assert runs["launch"]["dp_mode"] == mode and 4.9 <= runs["launch"]["dp_epsilon"] <= 5.0
+    # The same seeded noise and the same peer code: the launch tells the simulator's story.
+    assert runs["launch"]["dp_epsilon_per_peer"] == runs["simulate"]["dp_epsilon_per_peer"]
+    assert runs["launch"]["ua_mean"] == pytest.approx(runs["simulate"]["ua_mean"], abs=1e-9)

@@ -9,7 +9,8 @@ recognition in federated learning settings", 2021-22), on the updates a run reco
    corpus whose speakers' sex it knows (EmoDB for a RAVDESS run), one simulated run per fold of that corpus so
    that every shadow speaker is a shadow peer, and records its shadow peers' first-layer updates.
 2. **Attack model.** Each update becomes a feature vector (the first layer's update averaged over its
-   kernel taps, scaled to unit norm so that the learning-rate schedule does not dominate), and a logistic
+   kernel taps, scaled to unit norm so that the learning-rate schedule does not dominate; per input its
+   mean and RMS over the outputs when the two corpora's layers differ in outputs), and a logistic
    regression learns update -> speaker sex; its regularisation is chosen by cross-validation grouped by
    shadow speaker, so it is judged on voices it did not see.
 3. **Attack.** One prediction per target peer and recorded round. ``attack_uar`` is the unweighted average
@@ -50,7 +51,7 @@ C_GRID = (0.01, 0.1, 1.0, 10.0)
 class Traces:
     """Recorded updates of many peers: one row per (peer, round)."""
 
-    features: np.ndarray  # [rows, dim] float32
+    updates: np.ndarray  # [rows, outputs, inputs] float32 (update_features)
     peer: np.ndarray  # [rows] peer id (or shadow trace id)
     round: np.ndarray  # [rows]
     speaker: np.ndarray  # [rows] the peer's speaker (grouping for cross-validation)
@@ -68,14 +69,25 @@ class Traces:
 
 
 def update_features(update: np.ndarray) -> np.ndarray:
-    """One update of the first layer as the attack's features: averaged over kernel taps (the last axis of a
-    convolution's weight), flattened, scaled to unit L2 norm."""
-    u = np.asarray(update, dtype=np.float64)
+    """One update of the first layer as ``[outputs, inputs]``: a convolution's weight averaged over its kernel
+    taps (the axes after the second)."""
+    u = np.asarray(update, dtype=np.float32)
     if u.ndim >= 3:
         u = u.mean(axis=tuple(range(2, u.ndim)))
-    flat = u.reshape(-1)
-    norm = np.linalg.norm(flat)
-    return (flat / norm if norm > 0 else flat).astype(np.float32)
+    return u.reshape(u.shape[0], -1)
+
+
+def attack_features(updates: np.ndarray, per_input: bool) -> np.ndarray:
+    """The attack's features of ``[rows, outputs, inputs]`` updates, each row scaled to unit L2 norm so that
+    the learning-rate schedule does not dominate: the whole layer, or (``per_input``, when the target's and
+    the shadow's layers have different outputs, e.g. the ``svm``'s class rows) the mean and RMS of each
+    input over the outputs."""
+    if per_input:
+        flat = np.concatenate([updates.mean(axis=1), np.sqrt((updates ** 2).mean(axis=1))], axis=1)
+    else:
+        flat = updates.reshape(len(updates), -1)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    return (flat / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 def read_traces(run_dir: Path, *, what: str) -> tuple[Traces, dict[str, Any]]:
@@ -108,6 +120,8 @@ def read_traces(run_dir: Path, *, what: str) -> tuple[Traces, dict[str, Any]]:
             rows["attributes"].append(info["attributes"])
     if not rows["features"]:
         raise UserError(f"{what} {run_dir} recorded no training round: nothing to attack")
+    if len({f.shape for f in rows["features"]}) > 1:
+        raise UserError(f"{what} {run_dir}: its peers recorded layers of different shapes: not one run")
     traces = Traces(np.stack(rows["features"]), np.asarray(rows["peer"]), np.asarray(rows["round"]),
                     np.asarray(rows["speaker"]), rows["attributes"])
     return traces, meta
@@ -144,7 +158,9 @@ def shadow_traces(meta: dict[str, Any], shadow_dir: Path, out: Path, *, folds: i
         traces.peer = traces.peer + 1000 * k
         parts.append(traces)
         runs.append(str(folder))
-    return Traces(np.concatenate([p.features for p in parts]), np.concatenate([p.peer for p in parts]),
+    if len({p.updates.shape[2] for p in parts}) > 1:
+        raise UserError(f"shadow corpus {shadow_dir}: its folds give layers of different shapes")
+    return Traces(np.concatenate([p.updates for p in parts]), np.concatenate([p.peer for p in parts]),
                   np.concatenate([p.round for p in parts]), np.concatenate([p.speaker for p in parts]),
                   [a for p in parts for a in p.attributes]), runs
 
@@ -216,8 +232,13 @@ def attack(target: Traces, shadow: Traces, attribute: str, *, bootstrap: int, se
     ks, kt = ys >= 0, yt >= 0
     if len(np.unique(ys[ks])) < 2 or len(np.unique(yt[kt])) < 2:
         return None
-    clf, c, cv_uar = fit_attack(shadow.features[ks], ys[ks], shadow.speaker[ks], seed)
-    pred = clf.predict(target.features[kt])
+    if target.updates.shape[2] != shadow.updates.shape[2]:
+        raise UserError(f"the shadow run's first layer takes {shadow.updates.shape[2]} inputs, the target's "
+                        f"{target.updates.shape[2]}: features differ between the corpora")
+    per_input = target.updates.shape[1] != shadow.updates.shape[1]
+    x_shadow = attack_features(shadow.updates[ks], per_input)
+    clf, c, cv_uar = fit_attack(x_shadow, ys[ks], shadow.speaker[ks], seed)
+    pred = clf.predict(attack_features(target.updates[kt], per_input))
     y, peers, rounds = yt[kt], target.peer[kt], target.round[kt]
     per_round = {int(r): uar(y[rounds == r], pred[rounds == r]) for r in np.unique(rounds)
                  if len(np.unique(y[rounds == r])) == 2}
@@ -235,6 +256,7 @@ def attack(target: Traces, shadow: Traces, attribute: str, *, bootstrap: int, se
         "predictions": len(y),
         "positive_class": "F" if attribute == "sex" else f"older than {threshold:g}",
         "shadow_cv_uar": cv_uar,
+        "features": "per-input mean and RMS over outputs" if per_input else "whole layer",
         "attack_c": c,
     }
 

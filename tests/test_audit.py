@@ -34,6 +34,7 @@ def target(tmp_path_factory):
     return corpus, out
 
 
+@pytest.mark.slow  # four simulations of 8 rounds and the attack: about 20 s of CPU
 def test_audit_beats_chance_on_undefended_synthetic_speech(target, shadow, capsys):
     _, run = target
     assert main(["audit", str(run), "--shadow", str(shadow), "--shadow-folds", "2", "--bootstrap", "300"]) == 0

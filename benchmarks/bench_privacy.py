@@ -8,7 +8,7 @@ worst peer's epsilon, the attack's UAR with its 95% bootstrap interval, and the 
 (the overhead of each DP mode against no DP, same machine, same script).
 
 Arms (``--arms``, comma list, in order; each rewrites its own entry in benchmarks/results/privacy.json):
-``none``, ``speaker-10``, ``speaker-4``, ``speaker-1``, ``utterance-10``, ``utterance-4``, ``utterance-1``.
+``none``, ``none-global`` (no DP, ``--normalizer global``: a check of the attack), ``speaker-10``, ``speaker-4``, ``speaker-1``, ``utterance-10``, ``utterance-4``, ``utterance-1``.
 Delta is fixed at the default 1e-5 (below 1/20 peers and 1/51 utterances of a peer).
 
     python benchmarks/bench_privacy.py --arms none,speaker-10,utterance-10,speaker-4,utterance-4,speaker-1,utterance-1
@@ -29,6 +29,9 @@ RAVDESS, EMODB = DATA / "ravdess", DATA / "emodb"
 TOPOLOGY = REPO / "topologies" / "exponential-20.toml"
 ARMS = {
     "none": [],
+    # A check of the attack itself: without the per-speaker normaliser, which removes most of what makes
+    # one voice differ from another from every input, sex should be easier to read from the updates.
+    "none-global": ["--normalizer", "global"],
     **{f"{mode}-{eps}": ["--dp", mode, "--dp-epsilon", str(eps)] for mode in ("speaker", "utterance")
        for eps in (10, 4, 1)},
 }

@@ -5,7 +5,8 @@ simulated (``p2pser simulate`` gives the launch's numbers exactly; BENCHMARKS.md
 ``--record-updates first-layer`` and then attacked by ``p2pser audit RUN --shadow EMODB`` (shadow peers on
 EmoDB, which is disjoint from RAVDESS and labels sex). Per arm: task UA (mean of peers, average model), the
 worst peer's epsilon, the attack's UAR with its 95% bootstrap interval, and the wall time of the simulation
-(the overhead of each DP mode against no DP, same machine, same script).
+and its CPU time (the overhead of each DP mode against no DP, same machine, same script; CPU time is the
+fairer measure on a shared machine).
 
 Arms (``--arms``, comma list, in order; each rewrites its own entry in benchmarks/results/privacy.json):
 ``none``, ``none-global`` (no DP, ``--normalizer global``: a check of the attack), ``speaker-10``, ``speaker-4``, ``speaker-1``, ``utterance-10``, ``utterance-4``, ``utterance-1``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +42,14 @@ AUDIT_FIELDS = ("attack_uar", "ci_low", "ci_high", "chance", "attack_uar_vote", 
                 "shadow_peers", "shadow_speakers", "shadow_cv_uar", "attack_uar_per_round")
 
 
+def cpu_seconds(log: Path) -> float | None:
+    """User + system CPU seconds of a command run under /usr/bin/time -v (its log): unlike wall time, hardly
+    moved by other jobs on a shared machine."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    parts = [float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    return round(sum(parts), 1) if len(parts) == 2 else None
+
+
 def arm(work: Path, name: str, shadow_folds: int, model: str) -> dict:
     out = work / name
     sim = run_timed(["simulate", str(RAVDESS), "--fold", "1", "--topology", str(TOPOLOGY), "--model", model, *ARMS[name],
@@ -49,7 +59,7 @@ def arm(work: Path, name: str, shadow_folds: int, model: str) -> dict:
     audit = run_timed(["audit", str(out), "--shadow", str(EMODB), "--shadow-folds", str(shadow_folds)],
                       work / f"{name}-audit.log")
     result = json.loads((out / "audit.json").read_text())
-    return {"simulate": sim, "audit_command": audit["command"], "audit_wall_s": audit["wall_s"],
+    return {"simulate": sim | {"cpu_s": cpu_seconds(work / f"{name}.log")}, "audit_command": audit["command"], "audit_wall_s": audit["wall_s"],
             **{k: summary.get(k) for k in SUMMARY_FIELDS}, **{k: result.get(k) for k in AUDIT_FIELDS}}
 
 
@@ -71,9 +81,12 @@ def main() -> None:
             raise SystemExit(f"unknown arm {name!r}; known: {', '.join(ARMS)}")
         results[name] = arm(args.work / args.model, name, args.shadow_folds, args.model)
         base = results.get("none")
-        for entry in results.values():
+        for other, entry in results.items():
+            entry["simulate"].setdefault("cpu_s", cpu_seconds(args.work / args.model / f"{other}.log"))
             if base is not None:
                 entry["wall_overhead_vs_none"] = round(entry["simulate"]["wall_s"] / base["simulate"]["wall_s"] - 1, 3)
+                if entry["simulate"]["cpu_s"] and base["simulate"]["cpu_s"]:
+                    entry["cpu_overhead_vs_none"] = round(entry["simulate"]["cpu_s"] / base["simulate"]["cpu_s"] - 1, 3)
                 entry["ua_drop_vs_none"] = None if entry["ua_mean"] is None else base["ua_mean"] - entry["ua_mean"]
         write_results(args.name, {"arms": results, "delta": 1e-5, "model": args.model} | provenance(sys.argv))
         print(f"{name}: UA {results[name]['ua_mean']}, epsilon {results[name]['dp_epsilon']}, "

@@ -182,13 +182,8 @@ class RunConfig:
             raise UserError(f"config key 'momentum' must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
-        for name in ("dp_epsilon", "dp_clip", "dp_noise_multiplier"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise UserError(f"config key '{name}' must be positive, got {getattr(self, name)}")
-        if not 0.0 < self.dp_delta < 1.0:
-            raise UserError(f"config key 'dp_delta' must be in (0, 1), got {self.dp_delta}")
-        if self.dp != "none" and self.dp_epsilon is None and self.dp_noise_multiplier is None:
-            raise UserError(f"--dp {self.dp} needs --dp-epsilon E (a target) or --dp-noise-multiplier S")
+        check_dp_values(self.dp, self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise_multiplier,
+                        lambda name: f"config key '{name}'")
 
     def attacker_ids(self) -> frozenset[int]:
         """The peers that run ``attack`` (an experiment's Byzantine peers)."""
@@ -199,6 +194,19 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_dp_values(mode: str, epsilon: float | None, delta: float, clip: float | None, noise: float | None,
+                    name_of: Any) -> None:
+    """Differential-privacy settings a run cannot start with (``name_of(field)`` names a setting in the
+    error: a config key, or a flag of ``p2pser train``)."""
+    for name, value in (("dp_epsilon", epsilon), ("dp_clip", clip), ("dp_noise_multiplier", noise)):
+        if value is not None and not value > 0:
+            raise UserError(f"{name_of(name)} must be positive, got {value}")
+    if not 0.0 < delta < 1.0:
+        raise UserError(f"{name_of('dp_delta')} must be in (0, 1), got {delta}")
+    if mode != "none" and epsilon is None and noise is None:
+        raise UserError(f"--dp {mode} needs --dp-epsilon E (a target) or --dp-noise-multiplier S")
 
 
 @functools.cache

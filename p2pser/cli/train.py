@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from p2pser.cli.features import add_spec_arguments, spec_from_args
-from p2pser.config import DP_ACCOUNTANTS, DP_MODES, NORMALIZERS, RunConfig
+from p2pser.config import DP_ACCOUNTANTS, DP_MODES, NORMALIZERS, RunConfig, check_dp_values
 from p2pser.features.cache import default_cache_dir
 from p2pser.runtime import pin_threads
 
@@ -66,18 +66,12 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def dp_from_args(args: argparse.Namespace):
-    from p2pser.errors import UserError
     from p2pser.experiments.centralized import PooledDP
 
+    check_dp_values(args.dp, args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_noise_multiplier,
+                    lambda name: "--" + name.replace("_", "-"))
     if args.dp == "none":
         return None
-    if args.dp_epsilon is None and args.dp_noise_multiplier is None:
-        raise UserError(f"--dp {args.dp} needs --dp-epsilon E (a target) or --dp-noise-multiplier S")
-    for flag in ("dp_epsilon", "dp_clip", "dp_noise_multiplier"):
-        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not 0 < args.dp_delta < 1:
-        raise UserError(f"--dp-delta must be in (0, 1), got {args.dp_delta}")
     return PooledDP(args.dp, args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_noise_multiplier,
                     args.dp_accountant)
 

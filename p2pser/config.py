@@ -39,6 +39,11 @@ OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
 # Dimensional emotions (issue 16): p2pser.partition.targets.TASK_NAMES and p2pser.learn.losses.REGRESSION_LOSSES.
 TASKS = ("categorical", "dimensional", "both")
 REGRESSION_LOSSES = ("ccc", "mse")
+# Differential privacy and audits (issue 15): p2pser.learn.privacy, p2pser.exchange.privacy, p2pser audit.
+DP_MODES = ("none", "utterance", "speaker")
+DP_ACCOUNTANTS = ("rdp", "prv")
+DP_NOISE = ("seeded", "os")
+RECORD_UPDATES = ("off", "first-layer")  # what p2pser.exchange.recording keeps
 
 
 def _opt(help_text: str, **choices: Any) -> dict:
@@ -142,13 +147,42 @@ class RunConfig:
     regression_loss: str = field(
         default="ccc", **_opt("dimensions: 1 - CCC per minibatch, or mean squared error", choices=REGRESSION_LOSSES)
     )
+    # -- differential privacy and audits (issue 15) --
+    dp: str = field(
+        default="none", **_opt("differential privacy: DP-SGD per utterance, or clip and noise each round's model "
+                               "change so a peer's whole data set is protected", choices=DP_MODES)
+    )
+    dp_epsilon: float | None = field(
+        default=None, **_opt("--dp: target epsilon for the whole run (the noise is calibrated to it)")
+    )
+    dp_delta: float = field(default=1e-5, **_opt("--dp: delta; must be below 1/records (utterances or peers)"))
+    dp_clip: float | None = field(
+        default=None, **_opt("--dp: L2 bound of an utterance's gradient (default 1.0) or of a round's model "
+                             "change (default 0.5)")
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None, **_opt("--dp: noise std / clip, instead of calibrating to --dp-epsilon (which is then a cap)")
+    )
+    dp_accountant: str = field(default="rdp", **_opt("--dp: Opacus accountant (rdp, or prv: tighter)",
+                                                     choices=DP_ACCOUNTANTS))
+    dp_noise: str = field(
+        default="seeded", **_opt("--dp: noise drawn from the run's seed (reproducible) or the OS's entropy "
+                                 "(deployment: a neighbour who knows the seed could subtract seeded noise)",
+                                 choices=DP_NOISE)
+    )
+    record_updates: str = field(
+        default="off", **_opt("keep each peer's first-layer update per round for `p2pser audit`",
+                              choices=RECORD_UPDATES)
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in (("algorithm", ALGORITHMS), ("partition", PARTITIONS), ("security", SECURITY),
                               ("optimizer_state", OPTIMIZER_STATES), ("normalizer", NORMALIZERS),
                               ("resume", RESUME), ("liveness", LIVENESS), ("mixing", MIXINGS), ("attack", ATTACKS),
                               ("peer_address", PEER_ADDRESS), ("task", TASKS),
-                              ("regression_loss", REGRESSION_LOSSES)):
+                              ("regression_loss", REGRESSION_LOSSES), ("dp", DP_MODES),
+                              ("dp_accountant", DP_ACCOUNTANTS), ("dp_noise", DP_NOISE),
+                              ("record_updates", RECORD_UPDATES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
@@ -172,6 +206,8 @@ class RunConfig:
             raise UserError(f"config key 'momentum' must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
+        check_dp_values(self.dp, self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise_multiplier,
+                        lambda name: f"config key '{name}'")
 
     def attacker_ids(self) -> frozenset[int]:
         """The peers that run ``attack`` (an experiment's Byzantine peers)."""
@@ -182,6 +218,19 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_dp_values(mode: str, epsilon: float | None, delta: float, clip: float | None, noise: float | None,
+                    name_of: Any) -> None:
+    """Differential-privacy settings a run cannot start with (``name_of(field)`` names a setting in the
+    error: a config key, or a flag of ``p2pser train``)."""
+    for name, value in (("dp_epsilon", epsilon), ("dp_clip", clip), ("dp_noise_multiplier", noise)):
+        if value is not None and not value > 0:
+            raise UserError(f"{name_of(name)} must be positive, got {value}")
+    if not 0.0 < delta < 1.0:
+        raise UserError(f"{name_of('dp_delta')} must be in (0, 1), got {delta}")
+    if mode != "none" and epsilon is None and noise is None:
+        raise UserError(f"--dp {mode} needs --dp-epsilon E (a target) or --dp-noise-multiplier S")
 
 
 @functools.cache

@@ -15,7 +15,8 @@ from p2pser.errors import UserError
 
 # Modules under p2pser.cli that define ``register(subparsers)``; a module not written yet is skipped so
 # the CLI keeps working while areas are added.
-COMMAND_MODULES = ("data", "features", "train", "topology", "peer", "launch", "simulate", "keys", "multihost")
+COMMAND_MODULES = ("data", "features", "train", "topology", "peer", "launch", "simulate", "keys", "multihost",
+                   "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 
 from p2pser.cli.features import add_spec_arguments, spec_from_args
-from p2pser.config import NORMALIZERS, REGRESSION_LOSSES, TASKS, RunConfig
+from p2pser.config import (
+    DP_ACCOUNTANTS,
+    DP_MODES,
+    NORMALIZERS,
+    REGRESSION_LOSSES,
+    TASKS,
+    RunConfig,
+    check_dp_values,
+)
 from p2pser.features.cache import default_cache_dir
 from p2pser.runtime import pin_threads
 
@@ -52,7 +60,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"feature cache folder (default $P2PSER_CACHE_DIR or {default_cache_dir()})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to create for the results")
+    add_dp_arguments(p)
     p.set_defaults(func=_run)
+
+
+def add_dp_arguments(p: argparse.ArgumentParser) -> None:
+    """The pooled model's differential privacy (issue 15; the decentralized runs take the same keys)."""
+    p.add_argument("--dp", choices=DP_MODES, default="none",
+                   help="DP-SGD with each utterance, or each speaker (all their utterances), as the protected "
+                        "unit [none]")
+    p.add_argument("--dp-epsilon", type=float, default=None, help="--dp: target epsilon of the whole training")
+    p.add_argument("--dp-delta", type=float, default=RunConfig.dp_delta,
+                   help=f"--dp: delta, below 1/records [{RunConfig.dp_delta}]")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="--dp: L2 bound of a unit's gradient [1.0]")
+    p.add_argument("--dp-noise-multiplier", type=float, default=None,
+                   help="--dp: noise std / clip instead of calibrating to --dp-epsilon (then a cap)")
+    p.add_argument("--dp-accountant", choices=DP_ACCOUNTANTS, default="rdp", help="--dp: Opacus accountant [rdp]")
+
+
+def dp_from_args(args: argparse.Namespace):
+    from p2pser.experiments.centralized import PooledDP
+
+    check_dp_values(args.dp, args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_noise_multiplier,
+                    lambda name: "--" + name.replace("_", "-"))
+    if args.dp == "none":
+        return None
+    return PooledDP(args.dp, args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_noise_multiplier,
+                    args.dp_accountant)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -68,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         args.data_dir, args.out, folds_path=args.folds, fold=args.fold, test_speakers=args.test_speakers,
         model_name=args.model, spec=spec_from_args(args), train_cfg=cfg, seed=args.seed,
         val_fraction=args.val_fraction, cache_dir=args.cache_dir, workers=args.workers,
-        progress=not args.no_progress, normalizer=args.normalizer, task=args.task,
+        progress=not args.no_progress, normalizer=args.normalizer, task=args.task, dp=dp_from_args(args),
     )
     print(format_results(summary, task_of_summary(summary)))
     print(f"results: {args.out}/summary.json" + (f", confusion matrix: {args.out}/confusion.png"

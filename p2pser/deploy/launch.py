@@ -27,6 +27,7 @@ from p2pser.deploy.supervise import (
     summary_base,
 )
 from p2pser.exchange.algorithms import spec_of
+from p2pser.exchange.privacy import preflight as privacy_preflight
 from p2pser.exchange.topology import Topology, save_topology
 from p2pser.learn.tasks import Task, experiment_task
 from p2pser.partition.experiment import extract_for, make_plan, test_set
@@ -76,6 +77,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
     plan = make_plan(data_dir, cfg, topology.n)
     task = experiment_task(plan.experiment)
     spec_of(cfg.algorithm).placement(topology)  # a topology the algorithm cannot run on fails now, not in every peer
+    privacy_preflight(cfg, [len(p) for p in plan.peers])  # so do DP settings that cannot hold (issue 15)
     topo_file, cfg_file = out / "topology.toml", out / "config.toml"
     if not continuing:
         save_topology(topology, topo_file)

@@ -48,6 +48,10 @@ class _StopRule:
         cfg = self.config
         if cfg.time_budget and elapsed >= cfg.time_budget:
             return True
+        if row.get("dp_exhausted") and row["round"] + 1 < cfg.rounds:  # training rounds left to pay for
+            log.warning("peer %s: stopped after round %d: another round would spend more than --dp-epsilon %s "
+                        "(epsilon spent %.4g)", row["peer"], row["round"], cfg.dp_epsilon, row["dp_epsilon"])
+            return True
         if self.val_key in row:
             if row[self.val_key] > self.best_val + 1e-4:
                 self.best_val, self.flat_rounds = row[self.val_key], 0
@@ -71,7 +75,7 @@ def _row(peer: Peer, round_: int, loss: float | None, distance: float | None, he
            "consensus_distance": distance, "heard": len(heard)}
     if (round_ + 1) % cfg.eval_every == 0 or round_ + 1 == schedule_length(cfg):
         row.update(peer.evaluate())
-    return row
+    return row | peer.privacy()
 
 
 def schedule_length(cfg) -> int:

@@ -20,6 +20,8 @@ from p2pser.errors import UserError
 from p2pser.exchange.attacks import Attacking, is_attacker
 from p2pser.exchange.codec import MAX_SAMPLES, Message, encode
 from p2pser.exchange.mixing import Contribution, MixingRule, consensus_distance, make_rule
+from p2pser.exchange.privacy import SpeakerPrivate, check_dp_config, dp_seed, speaker_plan, utterance_plan
+from p2pser.exchange.recording import RecordingUpdates, speaker_attributes
 from p2pser.exchange.topology import Topology, metropolis_hastings_weights, rounds_to_agree
 from p2pser.learn.data import PeerData
 from p2pser.learn.learner import Learner, TorchLearner
@@ -113,18 +115,28 @@ class Peer:
         self.learner.mix(own, weights[self.id], others, self.rule)
         return distance
 
+    def privacy(self) -> dict[str, Any]:
+        """The learner's differential-privacy fields of a metrics row (empty without DP)."""
+        report = getattr(self.learner, "privacy", None)
+        return dict(report()) if report is not None else {}
+
     def save_outputs(self, folder: str | Path) -> None:
         """What a peer leaves in its folder at exit for the report (the learner's files)."""
         self.learner.save(folder)
 
 
-def make_learner(data: PeerData, cfg: RunConfig, peer_id: int, task: Task = CLASSIFICATION) -> Learner:
+def make_learner(data: PeerData, cfg: RunConfig, peer_id: int, task: Task = CLASSIFICATION, *,
+                 n_peers: int = 1) -> Learner:
     """The learner of peer ``peer_id`` under ``cfg`` for ``task``, wrapped by the run's cross-cutting
-    behaviour."""
+    behaviour. ``n_peers`` (the run's) bounds a meaningful delta of speaker-level DP."""
+    check_dp_config(cfg)
     if cfg.model in ENSEMBLE_MODELS:
         if task.name != CLASSIFICATION.name:
             raise UserError(f"--model {cfg.model} learns categories only: use --task categorical, or an "
                             "averageable model for dimensions")
+        if cfg.dp != "none":
+            raise UserError(f"--dp {cfg.dp} protects gradients and averaged models; --model {cfg.model} has "
+                            "neither (use an averageable model)")
         from p2pser.learn.bagging import BaggingLearner  # imports xgboost: only runs that use it pay
 
         learner: Learner = BaggingLearner(data, cfg.features, task, peer_id=peer_id, seed=cfg.seed,
@@ -135,7 +147,11 @@ def make_learner(data: PeerData, cfg: RunConfig, peer_id: int, task: Task = CLAS
             model_seed=cfg.seed, trainer_seed=cfg.seed * 100_003 + peer_id,
             total_steps=cfg.rounds * cfg.local_steps,
             optimizer_state=cfg.optimizer_state, momentum=0.9 if cfg.momentum is None else cfg.momentum,
+            privacy=utterance_plan(cfg, len(data.y_train)) if cfg.dp == "utterance" else None,
+            dp_seed=dp_seed(cfg, peer_id),
         )
+    if cfg.dp == "speaker":  # everything sent is clipped and noised; the attacker below lies about that
+        learner = SpeakerPrivate(learner, speaker_plan(cfg, max(n_peers, 1)), dp_seed(cfg, peer_id))
     if is_attacker(cfg, peer_id):  # an experiment's Byzantine peer: lies on the wire, never to itself
         learner = Attacking(learner, cfg, peer_id)
     return learner
@@ -159,7 +175,11 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
             val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id, mode=cfg.normalizer,
             speakers=features.speakers,
         )
-        learner = make_learner(data, cfg, peer_id, experiment_task(plan.experiment))
+        learner = make_learner(data, cfg, peer_id, experiment_task(plan.experiment), n_peers=len(plan.peers))
+        if cfg.record_updates != "off":  # outermost: it records exactly what is sent (p2pser audit)
+            speakers, attributes = speaker_attributes(plan, plan.peers[peer_id])
+            learner = RecordingUpdates(learner, cfg, peer_id, speakers=speakers, attributes=attributes,
+                                       data_dir=str(plan.corpus.root))
     w = _mixing_weights(topology)
     neighbours = topology.neighbours(peer_id)
     # A peer's samples are its training files less validation and skipped ones: never more than its share.

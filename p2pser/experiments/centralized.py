@@ -53,6 +53,36 @@ DEFAULT_FEATURES = RunConfig.features
 DEFAULT_NORMALIZER = RunConfig.normalizer
 
 
+@dataclass(frozen=True)
+class PooledDP:
+    """Differential privacy of the pooled model (``p2pser train --dp``): DP-SGD per utterance, or per
+    speaker (each step samples speakers; a speaker's gradient is clipped as one unit)."""
+
+    mode: str  # "utterance" or "speaker"
+    epsilon: float | None
+    delta: float = 1e-5
+    clip: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: str = "rdp"
+
+
+def pooled_privacy_plan(dp: PooledDP, cfg: TrainConfig, speakers: np.ndarray):
+    """The DP-SGD plan of pooled training: sampling rate batch/utterances (or expected speakers per step
+    over speakers), ``epochs * steps_per_epoch`` steps."""
+    from p2pser.learn.privacy import PrivacyPlan
+    from p2pser.learn.trainer import GROUP_TAKE
+
+    n = len(speakers)
+    steps = cfg.epochs * max(n // min(cfg.batch_size, n), 1)
+    if dp.mode == "speaker":
+        units = len(np.unique(speakers))
+        rate = min(1.0, max(cfg.batch_size / GROUP_TAKE, 1.0) / units)
+    else:
+        units, rate = n, min(1.0, cfg.batch_size / n)
+    return PrivacyPlan.make(dp.mode, epsilon=dp.epsilon, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
+                            delta=dp.delta, sample_rate=rate, steps=steps, records=units, accountant=dp.accountant)
+
+
 @dataclass
 class Pooled:
     """An experiment with the features of all its utterances, pooled as centralized training uses them."""
@@ -134,6 +164,7 @@ def _fit_fold(
     progress: bool,
     task: Task,
     normalizer: str,
+    dp: PooledDP | None = None,
 ) -> dict:
     fs = data.features
     split = data.split(number, val_fraction=val_fraction, seed=seed)
@@ -162,10 +193,16 @@ def _fit_fold(
         if task.name != CLASSIFICATION.name:
             raise UserError(f"--model {model_name} learns categories only: use --task categorical, or an "
                             "averageable model for dimensions")
+        if dp is not None:
+            raise UserError(f"--dp {dp.mode} protects gradients; --model {model_name} has none (use an "
+                            "averageable model)")
         return _fit_fold_trees(x_train, y_train, x_val, y_val, x_test, y_test, classes, norm, task, seed=seed,
                                number=number, fold_dir=fold_dir, test_speakers=fs.speakers[split.test])
     model = build_model(model_name, x_train.shape[1], x_train.shape[2], task.n_outputs(len(classes)), seed=seed)
-    trainer = LocalTrainer(model, x_train, y_train, len(classes), cfg, seed=seed, task=task)
+    plan = None if dp is None else pooled_privacy_plan(dp, cfg, fs.speakers[split.train])
+    trainer = LocalTrainer(model, x_train, y_train, len(classes), cfg, seed=seed, task=task, privacy=plan,
+                           groups=fs.speakers[split.train] if plan is not None and plan.mode == "speaker" else None,
+                           dp_seed=seed)
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
     t0 = time.perf_counter()
@@ -187,6 +224,8 @@ def _fit_fold(
         model.load_state_dict(best[2])
 
     report = task.score(y_test, predict_scores(model, x_test), classes)
+    if trainer.dp is not None:
+        report.update(dp_epsilon=trainer.dp.accountant.epsilon(), dp_noise_multiplier=plan.noise_multiplier)
     report.update(
         fold=number,
         test_speakers=sorted(set(fs.speakers[split.test].tolist())),
@@ -243,6 +282,7 @@ def train_experiment(
     progress: bool = True,
     task: Task = CLASSIFICATION,
     normalizer: str = DEFAULT_NORMALIZER,
+    dp: PooledDP | None = None,
 ) -> dict:
     """Train and test one model per fold of a pooled experiment; write the run folder; return the summary.
 
@@ -257,7 +297,8 @@ def train_experiment(
     for number in tqdm(folds, desc="folds", unit="fold", disable=not progress or len(folds) == 1):
         reports.append(
             _fit_fold(data, number, model_name, train_cfg, seed=seed, val_fraction=val_fraction,
-                      fold_dir=out / f"fold-{number}", progress=progress, task=task, normalizer=normalizer)
+                      fold_dir=out / f"fold-{number}", progress=progress, task=task, normalizer=normalizer,
+                      dp=dp)
         )
     fs = data.features
     classes = data.classes
@@ -288,6 +329,9 @@ def train_experiment(
         "folds_source": data.experiment.folds_source,
         "n_utterances": len(fs),
         "wall_s": round(time.perf_counter() - start, 2),  # training and testing; callers may add preparation
+        "dp_mode": "none" if dp is None else dp.mode,
+        "dp_epsilon": None if dp is None else max(r["dp_epsilon"] for r in reports),
+        "dp_delta": None if dp is None else dp.delta,
     }
     if confusion is not None:
         confusion_plot(confusion, classes, out / "confusion.png",
@@ -321,6 +365,7 @@ def train_centralized(
     progress: bool = True,
     normalizer: str = DEFAULT_NORMALIZER,
     task: str = "categorical",
+    dp: PooledDP | None = None,
 ) -> dict:
     """``p2pser train`` as a function: prepare the data folder's experiment and run ``train_experiment``.
 
@@ -343,7 +388,7 @@ def train_centralized(
     cfg = train_cfg or recommended_config(model_name)
     summary = train_experiment(pooled, numbers, model_name, cfg, seed=seed, out_dir=out,
                                val_fraction=val_fraction, progress=progress, normalizer=normalizer,
-                               task=pooled.task)
+                               task=pooled.task, dp=dp)
     summary.update(data_dir=str(data_dir), wall_s=round(time.perf_counter() - start, 2))
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary

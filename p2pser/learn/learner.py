@@ -31,6 +31,7 @@ from p2pser.files import write_atomically
 from p2pser.learn import evaluation
 from p2pser.learn.data import PeerData
 from p2pser.learn.models import build_model
+from p2pser.learn.privacy import PrivacyPlan
 from p2pser.learn.tasks import Task
 from p2pser.learn.trainer import LocalTrainer, TrainConfig
 from p2pser.report.run_folder import MODEL, NORMALIZER, write_json_atomic
@@ -98,6 +99,11 @@ class Learner(Protocol):
     def save(self, folder: str | Path) -> None:
         """Write what the report needs of this learner into the peer's folder (atomically)."""
 
+    def privacy(self) -> dict[str, Any]:
+        """Metrics-row fields of differential privacy: ``dp_epsilon`` spent so far, and ``dp_exhausted``
+        when one more round would exceed the target; empty without DP. (Optional: a learner without it
+        has no DP.)"""
+
 
 class TorchLearner:
     """A torch model trained by ``LocalTrainer`` on one peer's data; its float parameters are the state."""
@@ -106,13 +112,16 @@ class TorchLearner:
 
     def __init__(self, data: PeerData, model_name: str, features: str, train_cfg: TrainConfig, task: Task, *,
                  model_seed: int, trainer_seed: int, total_steps: int, optimizer_state: str = "keep",
-                 momentum: float = 0.9) -> None:
+                 momentum: float = 0.9, privacy: PrivacyPlan | None = None, dp_seed: int | None = None) -> None:
         """``optimizer_state`` says what becomes of the optimiser's local state when the parameters are
         replaced by a mix: ``keep`` it, ``reset`` it (AdamW moments and momentum restart from zero), or
         ``quasi-global``: plain SGD steps plus ``momentum`` times a momentum buffer that is updated once a
         round from how the *mixed* model moved (Lin et al. 2021, "Quasi-global momentum: accelerating
         decentralized deep learning on heterogeneous data", arXiv:2102.04761), so it follows the
-        neighbourhood's direction instead of the peer's own data."""
+        neighbourhood's direction instead of the peer's own data.
+
+        ``privacy``: train by DP-SGD under this plan (utterance-level DP), noise seeded by ``dp_seed``
+        (None: from the OS)."""
         self.data = data
         self.optimizer_state = optimizer_state
         self.momentum = momentum
@@ -126,11 +135,15 @@ class TorchLearner:
         # consensus distance then measures only what training and mixing did.
         # Class scores and, for a task with dimensions, one regression output each: the regression head.
         self.model = build_model(model_name, channels, frames, task.n_outputs(len(data.classes)), seed=model_seed)
-        self._float_params = {
-            name: t for name, t in self.model.state_dict().items() if torch.is_floating_point(t)
-        }
+        shared = [name for name, t in self.model.state_dict().items() if torch.is_floating_point(t)]
+        # DP-SGD may swap modules for per-sample-gradient ones (Opacus's DPGRU: the same names, as aliases of
+        # its own parameters): the shared state keeps the original names, looked up after the swap.
         self.trainer = LocalTrainer(self.model, data.x_train, data.y_train, len(data.classes), train_cfg,
-                                    seed=trainer_seed, total_steps=total_steps, task=task)
+                                    seed=trainer_seed, total_steps=total_steps, task=task, privacy=privacy,
+                                    dp_seed=dp_seed)
+        tensors = self.model.state_dict(keep_vars=True)
+        self._float_params = {name: tensors[name].data for name in shared}
+        self._last_steps = 0
         self.samples = len(data.y_train)
         self.template = {name: (value.shape, value.dtype) for name, value in self.snapshot().items()}
         self.timings = {"train": 0.0, "eval": 0.0}
@@ -146,6 +159,7 @@ class TorchLearner:
         self.trainer.correction = None if correction is None else {
             name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in correction.items()
             if name in self.trainer.named_parameters}
+        self._last_steps = steps
         try:
             loss = float(self.trainer.train_steps(steps))
         finally:
@@ -227,6 +241,12 @@ class TorchLearner:
         if "normalizer" in state and self.data.raw is not None:
             self.data.adopt(Normalizer(state["normalizer"]["mean"], state["normalizer"]["std"]))
             self.trainer.set_inputs(self.data.x_train)
+
+    def privacy(self) -> dict[str, Any]:
+        dp = self.trainer.dp
+        if dp is None:
+            return {}
+        return dp.accountant.row() | ({"dp_exhausted": True} if dp.accountant.would_exceed(self._last_steps) else {})
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.model_name, "features": self.features, "samples": self.samples,

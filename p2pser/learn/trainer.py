@@ -20,15 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from p2pser.errors import UserError
 from p2pser.learn.losses import REGRESSION_LOSSES, TaskLoss
+from p2pser.learn.privacy import DPSGD, PrivacyPlan
 from p2pser.learn.tasks import CLASSIFICATION, Task
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+GROUP_TAKE = 8  # DP-SGD by speaker: utterances a sampled speaker contributes to one step
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,9 @@ class LocalTrainer:
         seed: int,
         total_steps: int | None = None,
         task: Task = CLASSIFICATION,
+        privacy: PrivacyPlan | None = None,
+        groups: np.ndarray | None = None,
+        dp_seed: int | None = None,
     ) -> None:
         x = np.asarray(x)
         y = np.asarray(y)
@@ -194,15 +200,24 @@ class LocalTrainer:
         self.total_steps = int(total_steps) if total_steps is not None else cfg.epochs * self.steps_per_epoch
         self._weight = (
             torch.as_tensor(class_weights(classes[classes >= 0], n_classes), dtype=torch.float32)
-            if cfg.class_weighted and classes is not None and (classes >= 0).any() else None
+            if cfg.class_weighted and privacy is None and classes is not None and (classes >= 0).any() else None
         )
         self._task_loss = TaskLoss(task.name, n_classes, weight=self._weight, hinge=self.loss_kind == "hinge",
                                    label_smoothing=cfg.label_smoothing, regression_loss=cfg.regression_loss)
-        groups = _param_groups(model, cfg.weight_decay)
+        if privacy is not None and not categorical:
+            # DP-SGD clips each utterance's gradient: a CCC loss is a statistic of the whole batch, not a sum
+            # over utterances, so it has none.
+            raise UserError(f"--dp {privacy.mode} trains emotion categories only (--task categorical): the "
+                            f"{task.name} task's loss is not a sum over utterances")
+        # DP-SGD: per-unit clipping and noise; the model is prepared in place (same parameter names).
+        self.dp = None if privacy is None else DPSGD(model, privacy, expected_units=self._expected_units(
+            privacy, groups), seed=dp_seed)
+        self._groups = None if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+        param_groups = _param_groups(model, cfg.weight_decay)
         if cfg.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr)
         else:
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+            self.optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
         self.step = 0
         self.epoch = 0
         # A drift correction (gradient tracking, p2pser.exchange.algorithms.kgt): after every optimiser step
@@ -258,10 +273,58 @@ class LocalTrainer:
         self._pos += self._batch
         return idx
 
-    def _loss(self, scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._task_loss(scores, y)
+    def _loss(self, scores: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if reduction == "mean":
+            return self._task_loss(scores, y)
+        # Per utterance (DP-SGD; categories only, checked at construction).
+        if self.loss_kind == "hinge":
+            return F.multi_margin_loss(scores, y, weight=self._weight, reduction=reduction)
+        return F.cross_entropy(scores, y, weight=self._weight, label_smoothing=self.cfg.label_smoothing,
+                               reduction=reduction)
+
+    def _expected_units(self, plan: PrivacyPlan, groups: np.ndarray | None) -> float:
+        units = self._n if groups is None else len(np.unique(groups))
+        return max(plan.sample_rate * units, 1e-9)
+
+    def _poisson_batch(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """DP-SGD's sample: each utterance (or group) independently with the plan's rate; rows, and per row
+        its group for clipping (None: each row is its own unit)."""
+        q = self.dp.plan.sample_rate
+        if self._groups is None:
+            return np.flatnonzero(self._np_rng.random(self._n) < q), None
+        chosen = np.flatnonzero(self._np_rng.random(int(self._groups.max()) + 1) < q)
+        idx = [self._np_rng.permutation(np.flatnonzero(self._groups == g))[:GROUP_TAKE] for g in chosen]
+        idx = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+        return idx, self._groups[idx]
+
+    def _dp_gradient(self) -> float:
+        """One DP-SGD gradient into ``.grad`` (the optimiser then steps as usual); returns the mean loss of
+        the sample (nan for an empty one)."""
+        idx, groups = self._poisson_batch()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = float("nan")
+        if len(idx):
+            rows = torch.from_numpy(idx)
+            xb, yb = augment(self._x[rows], self.cfg), self._y[rows]
+            per = self._loss(self.dp.forward(xb), yb, reduction="none")
+            weight = torch.ones(len(idx))
+            if groups is not None:  # a group's gradient is the mean of its rows'
+                weight = 1.0 / torch.from_numpy(np.bincount(groups)[groups]).float()
+            (per * weight).sum().backward()
+            loss_value = float(per.detach().mean())
+        self.dp.privatize(None if groups is None else torch.from_numpy(groups))
+        self.epoch = self.step // max(self.steps_per_epoch, 1)
+        return loss_value
 
     def _one_step(self) -> float:
+        if self.dp is not None:
+            lr = self.lr_at(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss_value = self._dp_gradient()
+            self.optimizer.step()
+            self._after_step(lr)
+            return loss_value
         idx = torch.from_numpy(self._next_batch())
         if self._fixed is not None:
             return self._finish_step(self.model.from_features(self._fixed[idx]), self._y[idx])
@@ -291,6 +354,10 @@ class LocalTrainer:
         if self.cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        self._after_step(lr)
+        return float(loss.detach())
+
+    def _after_step(self, lr: float) -> None:
         if self.correction is not None:
             # In parameter space, after the optimiser: the same as correcting the gradient for plain SGD,
             # and still a correction in the optimiser's own units for AdamW or momentum.
@@ -299,7 +366,6 @@ class LocalTrainer:
                     self.named_parameters[name].add_(c, alpha=-lr)
         self.last_lr_sum += lr
         self.step += 1
-        return float(loss.detach())
 
     def train_steps(self, n: int) -> float:
         """Run ``n`` minibatch steps; return their mean training loss."""
@@ -311,7 +377,8 @@ class LocalTrainer:
             torch.set_rng_state(self._torch_rng)
             losses = [self._one_step() for _ in range(n)]
             self._torch_rng = torch.get_rng_state()
-        return float(np.mean(losses))
+        losses = [v for v in losses if not math.isnan(v)]  # DP-SGD's empty Poisson samples have no loss
+        return float(np.mean(losses)) if losses else float("nan")
 
     def train_epoch(self) -> float:
         """Run ``steps_per_epoch`` steps; return their mean training loss."""
@@ -330,7 +397,8 @@ class LocalTrainer:
             "perm": torch.from_numpy(self._perm.copy()),
             "np_rng": self._np_rng.bit_generator.state,
             "torch_rng": self._torch_rng.clone(),
-        }
+        } | ({} if self.dp is None else {"dp_steps": self.dp.accountant.steps,
+                                         "dp_rng": self.dp.generator.get_state()})
 
     def load_state_dict(self, state: dict) -> None:
         perm = state["perm"].numpy()
@@ -341,6 +409,9 @@ class LocalTrainer:
         self._perm = perm.astype(np.int64)
         self._np_rng.bit_generator.state = state["np_rng"]
         self._torch_rng = state["torch_rng"].clone()
+        if self.dp is not None and "dp_steps" in state:
+            self.dp.accountant.steps = int(state["dp_steps"])
+            self.dp.generator.set_state(state["dp_rng"])
 
 
 def predict_scores(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -110,6 +110,16 @@ def honest_figures(finals: Mapping[int, float | None], attackers: Iterable[int],
     }
 
 
+def privacy_figures(metrics: Mapping[int, list[dict]]) -> dict[str, Any]:
+    """The worst peer's epsilon (``dp_epsilon``; the last each peer reported) and each peer's, for runs with
+    differential privacy (their rows carry ``dp_epsilon``); empty otherwise."""
+    spent = {p: final_value(rows, "dp_epsilon") for p, rows in metrics.items()}
+    spent = {p: v for p, v in spent.items() if v is not None}
+    if not spent:
+        return {}
+    return {"dp_epsilon": max(spent.values()), "dp_epsilon_per_peer": dict(sorted(spent.items()))}
+
+
 def bytes_sent(rows: list[dict]) -> int:
     """Bytes a peer sent over all its lives: each restart (or continued run) counts from zero again."""
     total = last = 0
@@ -188,6 +198,7 @@ def summarize(run_dir: str | Path, base: dict[str, Any], *, wall_s: float,
         summary["restarts"] = int(sum(restarts.values()))
     if attackers:
         summary |= honest_figures(finals, attackers, task)
+    summary |= privacy_figures(metrics)
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
     plot_run(run_dir, summary, metrics, consensus, task)
     return summary
@@ -259,6 +270,8 @@ def report_run(run_dir: Path, base: dict[str, Any], cfg, test: tuple[np.ndarray,
     from p2pser.report.average_model import average_model_scores
 
     average = average_model_scores(run_dir, cfg.model, cfg.seed, test, classes, task)
+    # Without DP there is no guarantee: epsilon is null (unbounded), not 0.
+    base = base | {"dp_mode": cfg.dp, "dp_delta": cfg.dp_delta if cfg.dp != "none" else None, "dp_epsilon": None}
     return summarize(run_dir, base, wall_s=wall_s, average_model=average, attackers=attackers, task=task,
                      average_model_per_round=average_model_per_round, restarts=restarts)
 

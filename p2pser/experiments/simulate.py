@@ -61,8 +61,10 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     if workers < 0:
         raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
     workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes)), topology.n)
-    if cfg.model in ENSEMBLE_MODELS:
-        workers = 1  # a bag of received ensembles lives with its peer's event loop (not a torch learner)
+    if cfg.model in ENSEMBLE_MODELS or cfg.dp != "none" or cfg.record_updates != "off":
+        # A bag of received ensembles lives with its peer's event loop (not a torch learner); DP accounting
+        # and update records are checked in one process only.
+        workers = 1
     task = experiment_task(plan.experiment)
     pool = None
     if workers > 1:

@@ -11,8 +11,8 @@ from p2pser.cli import main
 from p2pser.errors import UserError
 from p2pser.experiments.audit import audit_run
 
-RUN = ["--topology", "complete", "--model", "svm", "--rounds", "8", "--final-mixing", "0", "--local-steps", "2",
-       "--max-seconds", "1.5", "--eval-every", "8"]
+RUN = ["--topology", "complete", "--model", "svm", "--features", "mfcc", "--rounds", "8", "--final-mixing", "0",
+       "--local-steps", "2", "--max-seconds", "1.5", "--eval-every", "8"]
 
 
 @pytest.fixture(scope="module")

@@ -87,8 +87,8 @@ def test_meaningless_delta_and_overspending_noise_are_refused():
 
 
 def test_cli_refuses_an_impossible_budget_in_one_line(synth_corpus, tmp_path, capsys):
-    code = main(["simulate", str(synth_corpus), "--topology", "ring", "--model", "svm", "--rounds", "50",
-                 "--dp", "speaker", "--dp-epsilon", "1", "--dp-noise-multiplier", "1", "--out", str(tmp_path / "r")])
+    code = main(["simulate", str(synth_corpus), "--topology", "ring", "--model", "svm", "--features", "mfcc",
+                 "--rounds", "50", "--dp", "speaker", "--dp-epsilon", "1", "--dp-noise-multiplier", "1", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "more than --dp-epsilon 1" in err
 
@@ -189,7 +189,8 @@ def test_simulated_run_reports_epsilon_per_peer_per_round(mode, synth_corpus, tm
     import json
 
     out = tmp_path / "run"
-    code = main(["simulate", str(synth_corpus), "--topology", "ring", "--model", "svm", "--rounds", "4",
+    code = main(["simulate", str(synth_corpus), "--topology", "ring", "--model", "svm", "--features", "mfcc",
+                 "--rounds", "4",
                  "--final-mixing", "1", "--local-steps", "2", "--max-seconds", "1.5", "--eval-every", "2",
                  "--dp", mode, "--dp-epsilon", "3", "--out", str(out)])
     assert code == 0
@@ -212,7 +213,7 @@ def test_launch_runs_both_dp_modes_through_real_peers_and_matches_the_simulator(
     from test_launch import topology_file
 
     topo = topology_file(tmp_path, "ring", 3)
-    opts = ["--model", "svm", "--partition", "iid", "--max-seconds", "1.5", "--rounds", "3", "--final-mixing", "1",
+    opts = ["--model", "svm", "--features", "mfcc", "--partition", "iid", "--max-seconds", "1.5", "--rounds", "3", "--final-mixing", "1",
             "--local-steps", "2", "--eval-every", "2", "--dp-epsilon", "5", "--record-updates", "first-layer",
             "--cache-dir", str(tmp_path / "cache")]
     for mode in ("speaker", "utterance"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import pickle
+import pickle  # only between the simulator and the workers it forked (a Pipe), never network bytes
 import queue
 import threading
 import traceback

@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from p2pser.features.normalize import Normalizer
 from p2pser.files import write_atomically
 from p2pser.learn import trees
-from p2pser.learn.data import PeerData
+from p2pser.learn.data import PeerData, SharedStatistics
 from p2pser.learn.tasks import Task
 
 State = Mapping[str, np.ndarray]
@@ -50,7 +49,7 @@ class Member:
     booster: Any
 
 
-class BaggingLearner:
+class BaggingLearner(SharedStatistics):
     """Implements ``p2pser.learn.learner.Learner`` for XGBoost; see the module docstring."""
 
     averageable = False  # no parameter average, consensus distance or average model
@@ -189,15 +188,8 @@ class BaggingLearner:
     def advance_to(self, step: int) -> None:
         """Nothing to move: a tree ensemble has no learning-rate schedule."""
 
-    # -- normalisation statistics (--normalizer global) -------------------------------------------------
-    def moments(self) -> dict[str, np.ndarray]:
-        return self.data.moments()
-
-    def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        return self.data.moments_template()
-
-    def adopt_moments(self, moments: State) -> None:
-        self.data.adopt(Normalizer.from_moments(dict(moments)))
+    # -- normalisation statistics (--normalizer global): SharedStatistics ----------------------------------
+    def _inputs_changed(self) -> None:
         self._x = trees.utterance_vectors(self.data.x_train)
 
     # -- checkpoints and outputs ------------------------------------------------------------------------

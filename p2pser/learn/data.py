@@ -121,3 +121,24 @@ def _standardised(x: np.ndarray, lengths: np.ndarray, normalizer: Normalizer) ->
         while sum(v[2].nbytes for v in _copies.values()) > STANDARDISED_BUDGET:
             _copies.popitem(last=False)
     return out
+
+
+class SharedStatistics:
+    """A learner's part in ``--normalizer global`` for learners that hold their ``PeerData`` as ``self.data``:
+    report this peer's moments, and adopt the agreed statistics. ``_inputs_changed`` then rebuilds whatever
+    the learner derived from the standardised training inputs."""
+
+    data: PeerData
+
+    def moments(self) -> dict[str, np.ndarray]:
+        return self.data.moments()
+
+    def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return self.data.moments_template()
+
+    def adopt_moments(self, moments: dict[str, np.ndarray]) -> None:
+        self.data.adopt(Normalizer.from_moments(dict(moments)))
+        self._inputs_changed()
+
+    def _inputs_changed(self) -> None:
+        raise NotImplementedError

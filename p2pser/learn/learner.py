@@ -29,7 +29,7 @@ import torch
 from p2pser.features.normalize import Normalizer
 from p2pser.files import write_atomically
 from p2pser.learn import evaluation
-from p2pser.learn.data import PeerData
+from p2pser.learn.data import PeerData, SharedStatistics
 from p2pser.learn.models import build_model
 from p2pser.learn.privacy import PrivacyPlan
 from p2pser.learn.tasks import Task
@@ -105,7 +105,7 @@ class Learner(Protocol):
         has no DP.)"""
 
 
-class TorchLearner:
+class TorchLearner(SharedStatistics):
     """A torch model trained by ``LocalTrainer`` on one peer's data; its float parameters are the state."""
 
     averageable = True  # said outright: a learner in a worker process answers only for what it has
@@ -214,14 +214,7 @@ class TorchLearner:
     def advance_to(self, step: int) -> None:
         self.trainer.step = max(self.trainer.step, step)
 
-    def moments(self) -> dict[str, np.ndarray]:
-        return self.data.moments()
-
-    def moments_template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        return self.data.moments_template()
-
-    def adopt_moments(self, moments: State) -> None:
-        self.data.adopt(Normalizer.from_moments(dict(moments)))
+    def _inputs_changed(self) -> None:  # SharedStatistics: the agreed statistics were adopted
         self.trainer.set_inputs(self.data.x_train)
 
     def checkpoint_state(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Parts (``--parts``, comma list):
 - ``startup``: ``python -m p2pser [COMMAND ...] --help`` for every command and subcommand (found by walking
   the parser), ``--repeat`` times each; median and worst wall seconds. Target: under 0.5 s.
 - ``fast``: ``pytest -m "not slow"`` once. Target: under 90 s.
-- ``suite``: the whole suite (``pytest``) once. Target: under 7 minutes.
+- ``suite``: the whole suite once, as the README runs it (``pytest -n 2``: two xdist workers; ``--workers``
+  changes it, 0 = one process). Target: under 7 minutes.
 - ``burner``: the whole suite while ``--burners`` processes (``while True: pass``) keep the cores busy; it
   must pass. The burners are started and killed by this script.
 
@@ -75,20 +76,23 @@ def main() -> None:
     parser.add_argument("--parts", default="startup,fast,suite,burner")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each --help")
     parser.add_argument("--burners", type=int, default=os.cpu_count() or 2, help="CPU burner processes")
+    parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (-n) of every pytest run; "
+                        "0 runs in one process")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                             check=False).stdout.strip()
+    workers = ["-n", str(args.workers)] if args.workers else ["-p", "no:xdist"]
     for part in args.parts.split(","):
         load = os.getloadavg()
         if part == "startup":
             entry = startup(args.repeat)
         elif part == "fast":
-            entry = pytest_run(["-m", "not slow"]) | {"target_s": 90}
+            entry = pytest_run([*workers, "-m", "not slow"]) | {"target_s": 90}
         elif part == "suite":
-            entry = pytest_run([]) | {"target_s": 420}
+            entry = pytest_run(workers) | {"target_s": 420}
         elif part == "burner":
-            entry = beside_burners(args.burners, []) | {"target": "passes"}
+            entry = beside_burners(args.burners, workers) | {"target": "passes"}
         else:
             raise SystemExit(f"unknown part {part!r}")
         entry |= {"load_avg_before": [round(x, 2) for x in load],

@@ -91,8 +91,10 @@ def test_damaged_foreign_and_half_written_checkpoints(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(feature_cache) -> Path:
+    # The session's warm cache (content-keyed: sharing it changes no result, and saves every test here
+    # extracting the synthetic corpus again).
+    return feature_cache
 
 
 def start_peer(topo: Path, k: int, corpus: Path, run: Path, cache_dir: Path, *extra, log_name: str = "") -> subprocess.Popen:

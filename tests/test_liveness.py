@@ -132,8 +132,10 @@ SIM = ["--model", "svm", "--features", "mfcc", "--max-seconds", "1.5", "--partit
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(feature_cache) -> Path:
+    # The session's warm cache (content-keyed: sharing it changes no result, and saves every test here
+    # extracting the synthetic corpus again).
+    return feature_cache
 
 
 def _simulate(corpus: Path, cache: Path, out: Path, *extra) -> dict[int, list[dict]]:

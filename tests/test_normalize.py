@@ -91,8 +91,8 @@ def test_a_bad_normalizer_is_one_line(synth_corpus, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["speaker", "global"])  # local: the behaviour other tests run
-def test_every_mode_through_train_and_simulate(synth_corpus, tmp_path, mode):
-    common = ["--features", "mfcc", "--max-seconds", "1.5", "--fold", "1", "--cache-dir", str(tmp_path / "cache")]
+def test_every_mode_through_train_and_simulate(synth_corpus, feature_cache, tmp_path, mode):
+    common = ["--features", "mfcc", "--max-seconds", "1.5", "--fold", "1", "--cache-dir", str(feature_cache)]
     train = subprocess.run([sys.executable, "-m", "p2pser", "train", str(synth_corpus), "--model", "svm",
                             "--epochs", "2", "--normalizer", mode, "--no-progress", *common,
                             "--out", str(tmp_path / "train")], check=False, capture_output=True, text=True, timeout=600)

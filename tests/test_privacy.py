@@ -205,7 +205,7 @@ def test_simulated_run_reports_epsilon_per_peer_per_round(mode, synth_corpus, tm
 
 
 @pytest.mark.slow
-def test_launch_runs_both_dp_modes_through_real_peers_and_matches_the_simulator(synth_corpus, tmp_path):
+def test_launch_runs_both_dp_modes_through_real_peers_and_matches_the_simulator(synth_corpus, feature_cache, tmp_path):
     import json
     import subprocess
     import sys
@@ -215,7 +215,7 @@ def test_launch_runs_both_dp_modes_through_real_peers_and_matches_the_simulator(
     topo = topology_file(tmp_path, "ring", 3)
     opts = ["--model", "svm", "--features", "mfcc", "--partition", "iid", "--max-seconds", "1.5", "--rounds", "3", "--final-mixing", "1",
             "--local-steps", "2", "--eval-every", "2", "--dp-epsilon", "5", "--record-updates", "first-layer",
-            "--cache-dir", str(tmp_path / "cache")]
+            "--cache-dir", str(feature_cache)]
     for mode in ("speaker", "utterance"):
         runs = {}
         for command in ("launch", "simulate") if mode == "utterance" else ("launch",):

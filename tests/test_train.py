@@ -25,8 +25,10 @@ def _train(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("feature_cache")
+def cache(feature_cache: Path) -> Path:
+    # The session's warm cache (content-keyed: sharing it changes no result, and saves every test here
+    # extracting the synthetic corpus again).
+    return feature_cache
 
 
 @pytest.mark.slow

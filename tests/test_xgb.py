@@ -119,11 +119,11 @@ def test_xgb_runs_only_with_the_bagging_algorithm():
 
 
 @pytest.mark.slow  # a CLI process that extracts, simulates 4 peers and trains the pooled model: ~15-50 s
-def test_xgb_by_bagging_in_simulate_reaches_every_peer_with_a_pooled_baseline(tmp_path, synth_corpus):
+def test_xgb_by_bagging_in_simulate_reaches_every_peer_with_a_pooled_baseline(tmp_path, synth_corpus, feature_cache):
     run = tmp_path / "sim"
     result = p2pser("simulate", synth_corpus, "--peers", "4", "--topology", "ring", "--rounds", "2",
                     "--final-mixing", "2", "--eval-every", "1", "--baseline", "centralized", "--out", run,
-                    "--cache-dir", tmp_path / "cache", *XGB, timeout=300)
+                    "--cache-dir", feature_cache, *XGB, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["algorithm"] == "bagging" and summary["peers"] == 4
@@ -139,11 +139,11 @@ def test_xgb_by_bagging_in_simulate_reaches_every_peer_with_a_pooled_baseline(tm
 
 
 @pytest.mark.slow
-def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus):
+def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus, feature_cache):
     topo = topology_file(tmp_path, "ring", 2)
     run = tmp_path / "run"
     result = p2pser("launch", topo, synth_corpus, "--out", run, "--rounds", "2", "--final-mixing", "1",
-                    "--eval-every", "1", "--cache-dir", tmp_path / "cache", "--quiet", *XGB, timeout=300)
+                    "--eval-every", "1", "--cache-dir", feature_cache, "--quiet", *XGB, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mode"] == "launch" and summary["ua_mean"] > 1 / N_CLASSES + 0.2

@@ -40,6 +40,9 @@ from bench_common import DATA, REPO, provenance, write_results
 
 RAVDESS = DATA / "ravdess"
 ROUNDS, LOCAL_STEPS, BATCH = 30, 8, 16
+# The case: MFCC frames (120 channels; the svm has 1,928 parameters, cnn1d-shallow 81,800), pinned
+# since the run's default features became ComParE functionals.
+FEATURES = "mfcc"
 CASES = {  # model -> learning rate (svm: the 0.1; the CNN: its recipe's AdamW rate)
     "svm": 0.1,
     "cnn1d-shallow": None,
@@ -55,7 +58,7 @@ def _setup(model: str, lr: float | None):
     from p2pser.exchange.topology import load_topology
     from p2pser.partition.experiment import extract_for, make_plan, test_set
 
-    cfg = RunConfig(fold=1, model=model, rounds=_rounds(), local_steps=LOCAL_STEPS, batch_size=BATCH, lr=lr,
+    cfg = RunConfig(fold=1, model=model, features=FEATURES, rounds=_rounds(), local_steps=LOCAL_STEPS, batch_size=BATCH, lr=lr,
                     eval_every=1, algorithm="fedavg")
     topology = load_topology(REPO / "topologies" / "star-20.toml")
     plan = make_plan(RAVDESS, cfg, topology.n)
@@ -195,6 +198,7 @@ def _p2pser_arm(arm: str, model: str, lr: float | None, run: Path, env: dict) ->
                  "p2pser-dpsgd": ["--algorithm", "dpsgd", "--topology", str(topologies / "exponential-20.toml"),
                                   "--final-mixing", "0"]}[arm]
     cmd = [sys.executable, "-m", "p2pser", "simulate", str(RAVDESS), "--fold", "1", "--model", model,
+           "--features", FEATURES,
            "--rounds", str(_rounds()), "--local-steps", str(LOCAL_STEPS), "--batch-size", str(BATCH),
            "--eval-every", "1", *algorithm, "--out", str(run)]
     if lr is not None:

@@ -391,6 +391,12 @@ class SimConfig:
                           "models under 20,000 parameters; 1: all in this process); the same seed gives the same "
                           "results with any number")
     )
+    batch_peers: str = field(
+        default="auto", **_opt("step the local training of peers that share one small model together, "
+                               "vectorised (auto: when the run uses one learner process; on: also for "
+                               "larger models, in one process; off: one peer at a time); the same as off "
+                               "up to floating-point rounding", choices=("auto", "on", "off"))
+    )
 
 
 def train_config(cfg: RunConfig, **extra: Any):

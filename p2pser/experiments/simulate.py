@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from p2pser.carriers.batching import PeerBatch
 from p2pser.carriers.faults import FaultPlan
 from p2pser.carriers.simulated import Simulator
 from p2pser.carriers.workers import RemoteLearner, WorkerPool, default_workers
@@ -43,12 +44,26 @@ def _auto_workers(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) 
     return 1 if small else default_workers()
 
 
+def _batched(learner) -> bool:
+    """Whether this peer's training may join a batch (``p2pser.learn.batched``): a plain torch learner (no
+    DP, no update records, no attacker's or DP wrapper) of supported modules."""
+    from p2pser.learn.batched import batchable
+    from p2pser.learn.learner import TorchLearner
+
+    return type(learner) is TorchLearner and batchable(learner.trainer)
+
+
 def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunConfig, faults: FaultPlan,
-                 out_dir: Path, *, features=None, row_of=None, progress: bool = False, workers: int = 1) -> dict:
+                 out_dir: Path, *, features=None, row_of=None, progress: bool = False, workers: int = 1,
+                 batch_peers: str = "off") -> dict:
     """One simulated run into ``out_dir``; ``features`` may be passed in to share them across a sweep.
 
     ``workers`` > 1 puts the peers' learners into that many processes (``p2pser.carriers.workers``; 0: one
-    per core): training runs in parallel, and the metrics are the same as with one process."""
+    per core): training runs in parallel, and the metrics are the same as with one process.
+
+    ``batch_peers`` (``auto``, ``on``, ``off``): step the local training of peers with one architecture and
+    recipe together (``p2pser.carriers.batching``), with ``auto`` when the run has one learner process and
+    with ``on`` in one process whatever the model size; equal to ``off`` up to floating-point rounding."""
     from p2pser.report.average_model import AverageModelTracker
     from p2pser.report.summary import report_run
 
@@ -60,6 +75,10 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     test = test_set(features, row_of, plan, cfg.normalizer)
     if workers < 0:
         raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
+    if batch_peers not in ("auto", "on", "off"):
+        raise UserError(f"--batch-peers must be auto, on or off, got {batch_peers!r}")
+    if batch_peers == "on" and not workers:
+        workers = 1  # the batch lives in this process
     workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes)), topology.n)
     if cfg.model in ENSEMBLE_MODELS or cfg.dp != "none" or cfg.record_updates != "off":
         # A bag of received ensembles lives with its peer's event loop (not a torch learner); DP accounting
@@ -73,6 +92,12 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     try:
         peers = [build_peer(plan, topology, k, cfg, features, row_of, test,
                             learner=None if pool is None else RemoteLearner(pool, k)) for k in range(topology.n)]
+        batch = None
+        if pool is None and batch_peers != "off":
+            batch = PeerBatch()
+            for p in peers:
+                if _batched(p.learner):
+                    p.learner = batch.wrap(p.learner)
         # Tree ensembles have no average model to track (their peers' bags are reported instead).
         averageable = getattr(peers[0].learner, "averageable", True)
         tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes, task) if averageable else None
@@ -82,6 +107,8 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         sim.run()
         if pool is not None:
             pool.sync()
+        if batch is not None:
+            batch.flush()
         loop_s = time.perf_counter() - t0
         training_s = sum(p.learner.timings["train"] + p.learner.timings["eval"] for p in peers)
         for p in peers:
@@ -105,6 +132,8 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         # encoding, decoding, the event loop and bookkeeping.
         "overhead_fraction": round(max(loop_s - training_s / workers, 0.0) / max(loop_s, 1e-9), 4),
         "workers": workers,
+        # Training requests carried out in batches, and their mean size (1.0: nothing was batched).
+        "batched_peers": None if batch is None else round(batch.requests / max(batch.flushes, 1), 2),
         "loop_s": round(loop_s, 3),  # wall seconds of the simulation itself (no set-up, no report)
     }
     return report_run(out_dir, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,

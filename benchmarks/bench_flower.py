@@ -209,7 +209,8 @@ def _p2pser_arm(arm: str, model: str, lr: float | None, run: Path, env: dict) ->
     rounds = sorted({r["round"] for r in rows})
     ua = [statistics.fmean(r["test_ua"] for r in rows if r["round"] == k and "test_ua" in r) for k in rounds]
     return {"wall_s": round(wall, 2), "simulate_wall_s": summary.get("wall_s"), "test_ua_per_round": ua,
-            "final_test_ua": ua[-1], "workers": summary.get("workers")}
+            "final_test_ua": ua[-1], "workers": summary.get("workers"), "loop_s": summary.get("loop_s"),
+            "batched_peers": summary.get("batched_peers")}
 
 
 def _flower_arm(model: str, lr: float | None, tmp: Path, env: dict) -> dict:
@@ -242,7 +243,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'benchmarks'}", OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1")
     arms = args.arms.split(",")
-    results: dict = {"setup": {"corpus": "RAVDESS fold 1", "peers": 20, "rounds": _rounds(), "local_steps": LOCAL_STEPS,
+    results: dict = {"setup": {"corpus": "RAVDESS fold 1", "features": FEATURES, "peers": 20, "rounds": _rounds(), "local_steps": LOCAL_STEPS,
                                "batch_size": BATCH, "evaluation": "test UA every round",
                                "flower": _version("flwr"), "ray": _version("ray")},
                      "load_before": [round(x, 2) for x in os.getloadavg()], "cases": {}}
@@ -262,6 +263,9 @@ def main() -> None:
                     runs[arm].append(result)
                     print(f"{model} {arm} rep {rep}: {result['wall_s']} s, final test UA "
                           f"{result['final_test_ua']:.4f} (load {load[0]})", flush=True)
+                    # Written after every run, marked incomplete, so that a run cut short keeps what it measured.
+                    results["cases"][model] = {"lr": lr, "runs": runs, "complete": False}
+                    write_results(args.name, provenance(sys.argv) | results)
             case = {"lr": lr, "runs": runs}
             med = {arm: statistics.median(r["wall_s"] for r in rs) for arm, rs in runs.items()}
             case["median_wall_s"] = med

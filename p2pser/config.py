@@ -392,10 +392,10 @@ class SimConfig:
                           "results with any number")
     )
     batch_peers: str = field(
-        default="auto", **_opt("step the local training of peers that share one small model together, "
-                               "vectorised (auto: when the run uses one learner process; on: also for "
-                               "larger models, in one process; off: one peer at a time); the same as off "
-                               "up to floating-point rounding", choices=("auto", "on", "off"))
+        default="auto", **_opt("step the local training of peers that share one model together, vectorised "
+                               "(auto: for models under 1 MFLOP per utterance, such as svm or mlp on "
+                               "functionals, in one learner process; on: any model, in one process; off: "
+                               "one peer at a time); the same results as off up to floating-point rounding", choices=("auto", "on", "off"))
     )
 
 

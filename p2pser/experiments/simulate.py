@@ -34,14 +34,43 @@ log = logging.getLogger(__name__)
 SMALL_MODEL = 20_000
 
 
-def _auto_workers(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> int:
-    """``--workers 0``: one learner process per core, or none for models too small to gain from it."""
+# Below this many floating-point operations per utterance (one forward pass), a step on a batch of 16 costs
+# less than its Python and dispatch overhead, which stepping the peers together removes (measured,
+# BENCHMARKS.md issue 12: the svm, 4 kFLOPs on its functionals, trains 5x faster batched; cnn1d-shallow on
+# MFCC frames, about 36 MFLOPs, 0.8x: its convolutions are the work, and batched they run as slower grouped
+# convolutions).
+LIGHT_FLOPS = 1_000_000
+
+
+def _light(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> bool:
+    """Whether ``cfg.model``'s forward pass on one utterance is under ``LIGHT_FLOPS`` (the svm counts what
+    runs at every step: its head on the functionals computed once)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from p2pser.learn.models import build_model
+
+    if cfg.model in ENSEMBLE_MODELS:
+        return False
+    model = build_model(cfg.model, input_shape[1], input_shape[2], n_classes)
+    x = torch.zeros(1, input_shape[1], input_shape[2])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if hasattr(model, "from_features"):
+            model.from_features(model.fixed_features(x))
+        else:
+            model(x)
+    return counter.get_total_flops() < LIGHT_FLOPS
+
+
+def _auto_workers(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int, light: bool) -> int:
+    """``--workers 0``: one learner process per core, or none for models too small to gain from it (or light
+    enough to be stepped together in one process)."""
     from p2pser.learn.models import build_model, count_parameters
 
     if cfg.model in ENSEMBLE_MODELS:  # boosting runs in xgboost's own threads, not in torch learners
         return 1
     small = count_parameters(build_model(cfg.model, input_shape[1], input_shape[2], n_classes)) < SMALL_MODEL
-    return 1 if small else default_workers()
+    return 1 if small or light else default_workers()
 
 
 def _batched(learner) -> bool:
@@ -62,8 +91,9 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     per core): training runs in parallel, and the metrics are the same as with one process.
 
     ``batch_peers`` (``auto``, ``on``, ``off``): step the local training of peers with one architecture and
-    recipe together (``p2pser.carriers.batching``), with ``auto`` when the run has one learner process and
-    with ``on`` in one process whatever the model size; equal to ``off`` up to floating-point rounding."""
+    recipe together (``p2pser.carriers.batching``): ``auto`` for models whose forward pass is light
+    (``LIGHT_FLOPS``), in one learner process; ``on`` in one process whatever the model; the results equal
+    ``off``'s up to floating-point rounding."""
     from p2pser.report.average_model import AverageModelTracker
     from p2pser.report.summary import report_run
 
@@ -77,9 +107,10 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
     if batch_peers not in ("auto", "on", "off"):
         raise UserError(f"--batch-peers must be auto, on or off, got {batch_peers!r}")
+    light = batch_peers == "auto" and _light(cfg, test[0].shape, len(plan.classes))
     if batch_peers == "on" and not workers:
         workers = 1  # the batch lives in this process
-    workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes)), topology.n)
+    workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes), light), topology.n)
     if cfg.model in ENSEMBLE_MODELS or cfg.dp != "none" or cfg.record_updates != "off":
         # A bag of received ensembles lives with its peer's event loop (not a torch learner); DP accounting
         # and update records are checked in one process only.
@@ -93,7 +124,7 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         peers = [build_peer(plan, topology, k, cfg, features, row_of, test,
                             learner=None if pool is None else RemoteLearner(pool, k)) for k in range(topology.n)]
         batch = None
-        if pool is None and batch_peers != "off":
+        if pool is None and (batch_peers == "on" or light):
             batch = PeerBatch()
             for p in peers:
                 if _batched(p.learner):

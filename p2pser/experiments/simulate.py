@@ -34,31 +34,36 @@ log = logging.getLogger(__name__)
 SMALL_MODEL = 20_000
 
 
-# Below this many floating-point operations per utterance (one forward pass), a step on a batch of 16 costs
-# less than its Python and dispatch overhead, which stepping the peers together removes (measured,
-# BENCHMARKS.md issue 12: the svm, 4 kFLOPs on its functionals, trains 5x faster batched; cnn1d-shallow on
-# MFCC frames, about 36 MFLOPs, 0.8x: its convolutions are the work, and batched they run as slower grouped
-# convolutions).
+# Stepping peers together removes the Python and dispatch overhead of each peer's step, not its arithmetic:
+# it pays for models whose step is a few tiny operations on features computed once (the svm's head on its
+# functionals: a 3.6x shorter simulation loop), much less or not at all for models that pool or convolve
+# their input frames at every step (measured, BENCHMARKS.md issue 12: mlp on MFCC frames 0.74x, cnn1d-shallow
+# 1.14x in one process, against which its default of two learner processes was not compared). ``auto``
+# therefore batches models with a fixed front whose head is under this many floating-point operations per
+# utterance; ``--batch-peers on`` batches any supported model.
 LIGHT_FLOPS = 1_000_000
 
 
 def _light(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> bool:
-    """Whether ``cfg.model``'s forward pass on one utterance is under ``LIGHT_FLOPS`` (the svm counts what
-    runs at every step: its head on the functionals computed once)."""
+    """Whether ``cfg.model`` steps on features computed once (a parameter-free front and a recipe without
+    augmentation: ``LocalTrainer._fixed_features``) through a head under ``LIGHT_FLOPS`` per utterance."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from p2pser.config import train_config
     from p2pser.learn.models import build_model
 
     if cfg.model in ENSEMBLE_MODELS:
         return False
+    recipe = train_config(cfg)
+    if recipe.time_shift > 0 or recipe.specaugment or recipe.mixup_alpha > 0:
+        return False
     model = build_model(cfg.model, input_shape[1], input_shape[2], n_classes)
-    x = torch.zeros(1, input_shape[1], input_shape[2])
+    if not (hasattr(model, "fixed_features") and hasattr(model, "from_features")):
+        return False
+    h = model.fixed_features(torch.zeros(1, input_shape[1], input_shape[2]))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        if hasattr(model, "from_features"):
-            model.from_features(model.fixed_features(x))
-        else:
-            model(x)
+        model.from_features(h)
     return counter.get_total_flops() < LIGHT_FLOPS
 
 
@@ -91,9 +96,9 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     per core): training runs in parallel, and the metrics are the same as with one process.
 
     ``batch_peers`` (``auto``, ``on``, ``off``): step the local training of peers with one architecture and
-    recipe together (``p2pser.carriers.batching``): ``auto`` for models whose forward pass is light
-    (``LIGHT_FLOPS``), in one learner process; ``on`` in one process whatever the model; the results equal
-    ``off``'s up to floating-point rounding."""
+    recipe together (``p2pser.carriers.batching``): ``auto`` for light models on features computed once
+    (``_light``: the svm), in one learner process; ``on`` in one process for any supported model; the
+    results equal ``off``'s up to floating-point rounding."""
     from p2pser.report.average_model import AverageModelTracker
     from p2pser.report.summary import report_run
 

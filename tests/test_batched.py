@@ -67,3 +67,16 @@ def test_steps_together_equal_steps_alone(name, frames, recipe):
         got = train_steps_together(together, 3)
         assert np.allclose(got, expected, atol=TOL, rtol=0)
     assert _compare(alone, together) < PARAM_TOL
+
+
+@pytest.mark.parametrize(("name", "shape", "light"), [
+    ("svm", (1, 120, 300), True),             # a head on functionals computed once
+    ("mlp", (1, 120, 300), False),            # pools the frames at every step: measured slower batched
+    ("mlp", (1, 88, 1), False),
+    ("cnn1d-shallow", (1, 120, 300), False),  # convolutions: left to --workers
+])
+def test_auto_batches_only_models_on_features_computed_once(name, shape, light):
+    from p2pser.config import RunConfig
+    from p2pser.experiments.simulate import _light
+
+    assert _light(RunConfig(model=name), shape, 8) is light

@@ -24,7 +24,9 @@ def _git(*args: str) -> str:
 def provenance(argv: list[str]) -> dict:
     return {
         "commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # The results files themselves do not count (a script rewrites its own file as it goes).
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                         ":(exclude)benchmarks/results")),
         "command": "python " + " ".join(argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

@@ -40,6 +40,9 @@ from bench_common import DATA, REPO, provenance, write_results
 
 RAVDESS = DATA / "ravdess"
 ROUNDS, LOCAL_STEPS, BATCH = 30, 8, 16
+# The case: MFCC frames (120 channels; the svm has 1,928 parameters, cnn1d-shallow 81,800), pinned
+# since the run's default features became ComParE functionals.
+FEATURES = "mfcc"
 CASES = {  # model -> learning rate (svm: the 0.1; the CNN: its recipe's AdamW rate)
     "svm": 0.1,
     "cnn1d-shallow": None,
@@ -55,7 +58,7 @@ def _setup(model: str, lr: float | None):
     from p2pser.exchange.topology import load_topology
     from p2pser.partition.experiment import extract_for, make_plan, test_set
 
-    cfg = RunConfig(fold=1, model=model, rounds=_rounds(), local_steps=LOCAL_STEPS, batch_size=BATCH, lr=lr,
+    cfg = RunConfig(fold=1, model=model, features=FEATURES, rounds=_rounds(), local_steps=LOCAL_STEPS, batch_size=BATCH, lr=lr,
                     eval_every=1, algorithm="fedavg")
     topology = load_topology(REPO / "topologies" / "star-20.toml")
     plan = make_plan(RAVDESS, cfg, topology.n)
@@ -195,6 +198,7 @@ def _p2pser_arm(arm: str, model: str, lr: float | None, run: Path, env: dict) ->
                  "p2pser-dpsgd": ["--algorithm", "dpsgd", "--topology", str(topologies / "exponential-20.toml"),
                                   "--final-mixing", "0"]}[arm]
     cmd = [sys.executable, "-m", "p2pser", "simulate", str(RAVDESS), "--fold", "1", "--model", model,
+           "--features", FEATURES,
            "--rounds", str(_rounds()), "--local-steps", str(LOCAL_STEPS), "--batch-size", str(BATCH),
            "--eval-every", "1", *algorithm, "--out", str(run)]
     if lr is not None:
@@ -205,7 +209,8 @@ def _p2pser_arm(arm: str, model: str, lr: float | None, run: Path, env: dict) ->
     rounds = sorted({r["round"] for r in rows})
     ua = [statistics.fmean(r["test_ua"] for r in rows if r["round"] == k and "test_ua" in r) for k in rounds]
     return {"wall_s": round(wall, 2), "simulate_wall_s": summary.get("wall_s"), "test_ua_per_round": ua,
-            "final_test_ua": ua[-1], "workers": summary.get("workers")}
+            "final_test_ua": ua[-1], "workers": summary.get("workers"), "loop_s": summary.get("loop_s"),
+            "batched_peers": summary.get("batched_peers")}
 
 
 def _flower_arm(model: str, lr: float | None, tmp: Path, env: dict) -> dict:
@@ -238,7 +243,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'benchmarks'}", OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1")
     arms = args.arms.split(",")
-    results: dict = {"setup": {"corpus": "RAVDESS fold 1", "peers": 20, "rounds": _rounds(), "local_steps": LOCAL_STEPS,
+    results: dict = {"setup": {"corpus": "RAVDESS fold 1", "features": FEATURES, "peers": 20, "rounds": _rounds(), "local_steps": LOCAL_STEPS,
                                "batch_size": BATCH, "evaluation": "test UA every round",
                                "flower": _version("flwr"), "ray": _version("ray")},
                      "load_before": [round(x, 2) for x in os.getloadavg()], "cases": {}}
@@ -258,6 +263,9 @@ def main() -> None:
                     runs[arm].append(result)
                     print(f"{model} {arm} rep {rep}: {result['wall_s']} s, final test UA "
                           f"{result['final_test_ua']:.4f} (load {load[0]})", flush=True)
+                    # Written after every run, marked incomplete, so that a run cut short keeps what it measured.
+                    results["cases"][model] = {"lr": lr, "runs": runs, "complete": False}
+                    write_results(args.name, provenance(sys.argv) | results)
             case = {"lr": lr, "runs": runs}
             med = {arm: statistics.median(r["wall_s"] for r in rs) for arm, rs in runs.items()}
             case["median_wall_s"] = med

@@ -388,8 +388,14 @@ class SimConfig:
     )
     workers: int = field(
         default=0, **_opt("processes holding the peers' learners, trained in parallel (0: one per core, or 1 for "
-                          "models under 20,000 parameters; 1: all in this process); the same seed gives the same "
-                          "results with any number")
+                          "models under 20,000 parameters or stepped together by --batch-peers auto; 1: all in "
+                          "this process); the same seed gives the same results with any number")
+    )
+    batch_peers: str = field(
+        default="auto", **_opt("step the local training of peers that share one model together, vectorised "
+                               "(auto: for light models on features computed once, the svm, in one learner "
+                               "process; on: any supported model, in one process; off: one peer at a time); "
+                               "the same results as off up to floating-point rounding", choices=("auto", "on", "off"))
     )
 
 

@@ -106,3 +106,29 @@ def test_svm_training_on_functionals_computed_once_is_bit_identical(setup):
         trained.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
     assert trained[0][0] == trained[1][0]
     assert all(torch.equal(trained[0][1][k], trained[1][1][k]) for k in trained[0][1])
+
+
+@pytest.mark.slow
+def test_peers_trained_together_match_one_by_one(setup, tmp_path):
+    """``--batch-peers``: the same run up to floating-point rounding, through churn (a checkpoint restored,
+    the crashed peer rejoining out of step with the others, so it trains alone) and message loss."""
+    case = {"kind": "ring", "faults": FaultPlan(drop=0.1, churn=(Outage(2, 1, 4),))}
+    cfg, plan, features, row_of = setup
+    runs = {}
+    for mode in ("off", "on"):
+        runs[mode] = simulate_run(plan, make_topology("ring", N), "ring", cfg, case["faults"], tmp_path / mode,
+                                  features=features, row_of=row_of, workers=1, batch_peers=mode)
+    assert runs["off"]["batched_peers"] is None and runs["on"]["batched_peers"] > 2
+    one, together = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on")
+    assert one.keys() == together.keys()
+    for peer in one:
+        assert len(one[peer]) == len(together[peer])
+        for a, b in zip(one[peer], together[peer], strict=True):
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                if isinstance(value, float):
+                    assert abs(value - b[key]) < 1e-4, (key, value, b[key])
+                else:  # the schedule, the virtual clock's rounds, who was heard: the same
+                    assert value == b[key], key
+    for (_, a, _), (_, b, _) in zip(load_models(tmp_path / "off"), load_models(tmp_path / "on"), strict=True):
+        assert all(np.allclose(a[k], b[k], atol=1e-4, rtol=0) for k in a)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from p2pser.carriers.batching import PeerBatch
 from p2pser.carriers.faults import FaultPlan
 from p2pser.carriers.simulated import Simulator
 from p2pser.carriers.workers import RemoteLearner, WorkerPool, default_workers
@@ -33,22 +34,71 @@ log = logging.getLogger(__name__)
 SMALL_MODEL = 20_000
 
 
-def _auto_workers(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> int:
-    """``--workers 0``: one learner process per core, or none for models too small to gain from it."""
+# Stepping peers together removes the Python and dispatch overhead of each peer's step, not its arithmetic:
+# it pays for models whose step is a few tiny operations on features computed once (the svm's head on its
+# functionals: a 3.6x shorter simulation loop), much less or not at all for models that pool or convolve
+# their input frames at every step (measured, BENCHMARKS.md issue 12: mlp on MFCC frames 0.74x, cnn1d-shallow
+# 1.14x in one process, against which its default of two learner processes was not compared). ``auto``
+# therefore batches models with a fixed front whose head is under this many floating-point operations per
+# utterance; ``--batch-peers on`` batches any supported model.
+LIGHT_FLOPS = 1_000_000
+
+
+def _light(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> bool:
+    """Whether ``cfg.model`` steps on features computed once (a parameter-free front and a recipe without
+    augmentation: ``LocalTrainer._fixed_features``) through a head under ``LIGHT_FLOPS`` per utterance."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from p2pser.config import train_config
+    from p2pser.learn.models import build_model
+
+    if cfg.model in ENSEMBLE_MODELS:
+        return False
+    recipe = train_config(cfg)
+    if recipe.time_shift > 0 or recipe.specaugment or recipe.mixup_alpha > 0:
+        return False
+    model = build_model(cfg.model, input_shape[1], input_shape[2], n_classes)
+    if not (hasattr(model, "fixed_features") and hasattr(model, "from_features")):
+        return False
+    h = model.fixed_features(torch.zeros(1, input_shape[1], input_shape[2]))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.from_features(h)
+    return counter.get_total_flops() < LIGHT_FLOPS
+
+
+def _auto_workers(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int, light: bool) -> int:
+    """``--workers 0``: one learner process per core, or none for models too small to gain from it (or light
+    enough to be stepped together in one process)."""
     from p2pser.learn.models import build_model, count_parameters
 
     if cfg.model in ENSEMBLE_MODELS:  # boosting runs in xgboost's own threads, not in torch learners
         return 1
     small = count_parameters(build_model(cfg.model, input_shape[1], input_shape[2], n_classes)) < SMALL_MODEL
-    return 1 if small else default_workers()
+    return 1 if small or light else default_workers()
+
+
+def _batched(learner) -> bool:
+    """Whether this peer's training may join a batch (``p2pser.learn.batched``): a plain torch learner (no
+    DP, no update records, no attacker's or DP wrapper) of supported modules."""
+    from p2pser.learn.batched import batchable
+    from p2pser.learn.learner import TorchLearner
+
+    return type(learner) is TorchLearner and batchable(learner.trainer)
 
 
 def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunConfig, faults: FaultPlan,
-                 out_dir: Path, *, features=None, row_of=None, progress: bool = False, workers: int = 1) -> dict:
+                 out_dir: Path, *, features=None, row_of=None, progress: bool = False, workers: int = 1,
+                 batch_peers: str = "off") -> dict:
     """One simulated run into ``out_dir``; ``features`` may be passed in to share them across a sweep.
 
     ``workers`` > 1 puts the peers' learners into that many processes (``p2pser.carriers.workers``; 0: one
-    per core): training runs in parallel, and the metrics are the same as with one process."""
+    per core): training runs in parallel, and the metrics are the same as with one process.
+
+    ``batch_peers`` (``auto``, ``on``, ``off``): step the local training of peers with one architecture and
+    recipe together (``p2pser.carriers.batching``): ``auto`` for light models on features computed once
+    (``_light``: the svm), in one learner process; ``on`` in one process for any supported model; the
+    results equal ``off``'s up to floating-point rounding."""
     from p2pser.report.average_model import AverageModelTracker
     from p2pser.report.summary import report_run
 
@@ -60,7 +110,12 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     test = test_set(features, row_of, plan, cfg.normalizer)
     if workers < 0:
         raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
-    workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes)), topology.n)
+    if batch_peers not in ("auto", "on", "off"):
+        raise UserError(f"--batch-peers must be auto, on or off, got {batch_peers!r}")
+    light = batch_peers == "auto" and _light(cfg, test[0].shape, len(plan.classes))
+    if batch_peers == "on" and not workers:
+        workers = 1  # the batch lives in this process
+    workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes), light), topology.n)
     if cfg.model in ENSEMBLE_MODELS or cfg.dp != "none" or cfg.record_updates != "off":
         # A bag of received ensembles lives with its peer's event loop (not a torch learner); DP accounting
         # and update records are checked in one process only.
@@ -73,6 +128,12 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     try:
         peers = [build_peer(plan, topology, k, cfg, features, row_of, test,
                             learner=None if pool is None else RemoteLearner(pool, k)) for k in range(topology.n)]
+        batch = None
+        if pool is None and (batch_peers == "on" or light):
+            batch = PeerBatch()
+            for p in peers:
+                if _batched(p.learner):
+                    p.learner = batch.wrap(p.learner)
         # Tree ensembles have no average model to track (their peers' bags are reported instead).
         averageable = getattr(peers[0].learner, "averageable", True)
         tracker = AverageModelTracker(peers, cfg.model, cfg.seed, plan.classes, task) if averageable else None
@@ -82,6 +143,8 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         sim.run()
         if pool is not None:
             pool.sync()
+        if batch is not None:
+            batch.flush()
         loop_s = time.perf_counter() - t0
         training_s = sum(p.learner.timings["train"] + p.learner.timings["eval"] for p in peers)
         for p in peers:
@@ -105,6 +168,8 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         # encoding, decoding, the event loop and bookkeeping.
         "overhead_fraction": round(max(loop_s - training_s / workers, 0.0) / max(loop_s, 1e-9), 4),
         "workers": workers,
+        # Training requests carried out in batches, and their mean size (1.0: nothing was batched).
+        "batched_peers": None if batch is None else round(batch.requests / max(batch.flushes, 1), 2),
         "loop_s": round(loop_s, 3),  # wall seconds of the simulation itself (no set-up, no report)
     }
     return report_run(out_dir, base, cfg, test, plan.classes, wall_s=time.monotonic() - start,

@@ -88,7 +88,8 @@ def run_cases(data_dir: str | Path, cases: list[Case], out_dir: str | Path) -> l
         print(f"simulating {case.label or name}: {topology.n} peers, {cfg.algorithm}, {cfg.rounds} rounds ...",
               flush=True)
         summary = simulate_run(plan, topology, name, cfg, faults, run_dir, features=features, row_of=row_of,
-                               progress=True, workers=case.sim.workers)
+                               progress=True, workers=case.sim.workers,
+                               batch_peers=case.sim.batch_peers)
         summary["label"] = case.label or name
         summaries.append(summary)
         draw_topology(topology, run_dir / "topology.png")

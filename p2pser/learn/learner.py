@@ -150,6 +150,18 @@ class TorchLearner(SharedStatistics):
 
     def train(self, steps: int, correction: State | None = None) -> float:
         t0 = time.perf_counter()
+        self.begin_train(steps, correction)
+        try:
+            loss = float(self.trainer.train_steps(steps))
+        finally:
+            self.trainer.correction = None
+        self.timings["train"] += time.perf_counter() - t0
+        return loss
+
+    def begin_train(self, steps: int, correction: State | None = None) -> None:
+        """What ``train`` does before the trainer's steps (the drift correction, quasi-global momentum's
+        round start); the simulator's batched path (``p2pser.learn.batched``) calls it too, then steps many
+        learners' trainers together."""
         if self.optimizer_state == "quasi-global":
             self._round_start = self.snapshot()
             if self.momentum_buffer is not None:
@@ -160,12 +172,6 @@ class TorchLearner(SharedStatistics):
             name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in correction.items()
             if name in self.trainer.named_parameters}
         self._last_steps = steps
-        try:
-            loss = float(self.trainer.train_steps(steps))
-        finally:
-            self.trainer.correction = None
-        self.timings["train"] += time.perf_counter() - t0
-        return loss
 
     def step_size(self) -> float:
         return self.trainer.last_lr_sum

@@ -146,6 +146,17 @@ def augment(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     return x
 
 
+@dataclass
+class Batch:
+    """One step's inputs ``x`` and targets ``y``; with mixup, ``x`` mixes each row with row ``other`` and
+    the loss weighs the two labels by ``lam`` and ``1 - lam``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    lam: float = 1.0
+    other: torch.Tensor | None = None
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # Decaying norm gains and biases only pulls them toward 0 and hurts; decay the weight matrices alone.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -325,22 +336,35 @@ class LocalTrainer:
             self.optimizer.step()
             self._after_step(lr)
             return loss_value
+        batch = self.draw_batch()
+        if self._fixed is not None:
+            return self._finish_step(self.model.from_features(batch.x), batch.y)
+        scores = self.model(batch.x)
+        return self._finish_step(scores, batch.y, self.batch_loss(scores, batch))
+
+    def draw_batch(self) -> Batch:
+        """The next step's inputs and targets, drawn as the step draws them (the shuffle from the trainer's
+        numpy generator; augmentation and mixup from the global torch generator, which ``train_steps``
+        holds at the trainer's own state). ``x`` is the fixed features when the model has them.
+        ``p2pser.learn.batched`` draws every peer's batch through here too."""
         idx = torch.from_numpy(self._next_batch())
         if self._fixed is not None:
-            return self._finish_step(self.model.from_features(self._fixed[idx]), self._y[idx])
+            return Batch(self._fixed[idx], self._y[idx])
         xb, yb = augment(self._x[idx], self.cfg), self._y[idx]
-        lam = 1.0
         if self.cfg.mixup_alpha > 0:
             a = torch.tensor(self.cfg.mixup_alpha)
             lam = float(torch.distributions.Beta(a, a).sample())
             lam = max(lam, 1 - lam)  # keep the first utterance dominant: its label is the one we trust most
             other = torch.randperm(xb.shape[0])
-            xb = lam * xb + (1 - lam) * xb[other]
-        scores = self.model(xb)
-        loss = self._loss(scores, yb)
-        if lam < 1.0:
-            loss = lam * loss + (1 - lam) * self._loss(scores, yb[other])
-        return self._finish_step(scores, yb, loss)
+            return Batch(lam * xb + (1 - lam) * xb[other], yb, lam, other)
+        return Batch(xb, yb)
+
+    def batch_loss(self, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The step's loss on ``batch``'s scores (mixup's two labels weighted by its ``lam``)."""
+        loss = self._loss(scores, batch.y)
+        if batch.lam < 1.0:
+            loss = batch.lam * loss + (1 - batch.lam) * self._loss(scores, batch.y[batch.other])
+        return loss
 
     def _finish_step(self, scores: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor | None = None) -> float:
         """The optimiser's part of a step, from the batch's scores (and its loss, when mixup made one)."""

@@ -13,32 +13,43 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
 ``bagging-rule``  how a peer combines ensembles and how many trees it boosts, chosen on validation data.
 ``speed``   extraction speed of each feature kind on EmoDB: seconds of audio per CPU-second cold (a fresh
             cache, one process) and utterances per second warm.
+``validate`` validation UA on held-out *speakers* of a fold's training speakers (never its test speakers):
+            the training speakers are dealt into ``--inner`` groups, each in turn held out while the model
+            trains on the others (all epochs, no early stopping, as ``p2pser train`` runs). A case is
+            ``model:features:augment[:copies][:key=value/key=value]`` (recipe overrides); results accumulate
+            in ``ser-validate-<corpus>-fold<K>.json``. Augmentation and recipe choices are made here.
 
     python benchmarks/bench_ser.py matrix --corpus emodb
     python benchmarks/bench_ser.py folds --corpus ravdess --model mlp --features egemaps
     python benchmarks/bench_ser.py gossip
     python benchmarks/bench_ser.py speed
+    python benchmarks/bench_ser.py validate --corpus emodb --cases mlp:compare:none,mlp:compare:speed:2
     python benchmarks/bench_ser.py table     # the matrix files as markdown tables
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from bench_common import DATA, provenance, write_results
 
 from p2pser.config import ENSEMBLE_MODELS
-from p2pser.experiments.centralized import parse_folds, prepare_pooled, train_experiment
+from p2pser.experiments.centralized import Pooled, parse_folds, prepare_pooled, train_experiment
 from p2pser.features.extract import extract_features
 from p2pser.features.spec import FeatureSpec
 from p2pser.learn.models import MODEL_NAMES
 from p2pser.learn.trainer import recommended_config
+from p2pser.partition.experiment import rows
+from p2pser.partition.folds import Split
 from p2pser.runtime import ensure_numba_cache, pin_threads
 
 UTTERANCE_KINDS = ("egemaps", "compare")
@@ -132,7 +143,6 @@ def bagging_rule(args) -> None:
     EmoDB fold 1 (as 8 peers hold them), combined by the sample-weighted mean of probabilities, of margins
     or of log-probabilities, for 50 and 200 boosting rounds, scored on 15% of the training speakers'
     utterances held out (two hold-out seeds)."""
-    import numpy as np
     import xgboost as xgb
 
     from p2pser.features.normalize import standardize_by_speaker
@@ -168,6 +178,58 @@ def bagging_rule(args) -> None:
         print(json.dumps(rows[-1]), flush=True)
     write_results(f"ser-bagging-rule-{args.features}", {"corpus": "emodb", "fold": 1, "val_fraction": VAL_FRACTION,
                                                          "validation_ua": rows} | provenance(sys.argv))
+
+
+def cyclic_rule(args) -> None:
+    """How peers should boost trees by gossip, chosen on held-out training speakers of EmoDB fold 1 (the
+    ``validate`` groups; its test speakers are never used): one peer per remaining training speaker, and
+    (a) ``bag``: each peer boosts its own ensemble, predictions average the peers' probabilities;
+    (b) ``cyclic``: as many travelling ensembles as peers, in round r peer p adds k trees on its own data
+    to ensemble (p - r) mod n and passes it to peer p + 1; predictions average the ensembles;
+    (c) the pooled model of the same speakers, for reference. Validation UA on the held-out speakers."""
+    from p2pser.features.normalize import standardize_by_speaker
+    from p2pser.learn import trees
+    from p2pser.learn.metrics import classification_report
+    from p2pser.learn.trees import XGB_TREES
+
+    pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=args.features), progress=False)
+    fs, y = pooled.features, pooled.y
+    train = rows(pooled.row_of, pooled.experiment.split(args.fold)[0])
+    speakers = sorted(set(fs.speakers[train].tolist()))
+    groups = [speakers[k :: args.inner] for k in range(args.inner)]
+    v = trees.utterance_vectors(standardize_by_speaker(fs.x, fs.lengths, fs.speakers))
+    methods = ["pooled", "bag"] + [f"cyclic-{k}" for k in (5, 10, 25)]
+    scores: dict[str, list[float]] = {m: [] for m in methods}
+    t0 = time.process_time()
+    for group in groups:
+        held = np.isin(fs.speakers[train], group)
+        val, fit = train[held], train[~held]
+        peers = [fit[fs.speakers[fit] == s] for s in sorted(set(fs.speakers[fit].tolist()))]
+        n, k_classes = len(peers), len(pooled.classes)
+
+        def ua(probs: np.ndarray, truth: np.ndarray = y[val]) -> float:
+            return classification_report(truth, probs.argmax(1), pooled.classes)["ua"]
+
+        model = trees.boost(v[fit], y[fit], k_classes, XGB_TREES, seed=args.seed)
+        scores["pooled"].append(ua(trees.probabilities(model, v[val])))
+        bag = [trees.boost(v[p], y[p], k_classes, 50, seed=args.seed + i) for i, p in enumerate(peers)]
+        scores["bag"].append(ua(np.mean([trees.probabilities(m, v[val]) for m in bag], axis=0)))
+        for k in (5, 10, 25):
+            chains: list = [None] * n
+            for r in range(XGB_TREES // k):
+                for p in range(n):
+                    c = (p - r) % n
+                    chains[c] = trees.boost(v[peers[p]], y[peers[p]], k_classes, k, seed=args.seed + p,
+                                            init=chains[c])
+            scores[f"cyclic-{k}"].append(ua(np.mean([trees.probabilities(m, v[val]) for m in chains], axis=0)))
+        print(json.dumps({m: round(s[-1], 4) for m, s in scores.items()}), flush=True)
+    result = {m: {"val_ua": round(float(np.mean(s)), 4), "per_group": [round(x, 4) for x in s]}
+              for m, s in scores.items()}
+    print(json.dumps(result), flush=True)
+    write_results(f"ser-cyclic-rule-{args.features}",
+                  {"corpus": "emodb", "outer_fold": args.fold, "groups": groups, "methods": result,
+                   "trees_per_ensemble": XGB_TREES, "cpu_s": round(time.process_time() - t0, 1),
+                   "load_avg": round(os.getloadavg()[0], 1)} | provenance(sys.argv))
 
 
 def speed(args) -> None:
@@ -211,6 +273,67 @@ def _pyin_speed(utterances) -> dict:
             "audio_s_per_cpu_s": round(audio / cpu, 2)}
 
 
+@dataclass
+class _InnerFolds(Pooled):
+    """A pooled experiment whose "folds" hold out groups of one outer fold's training speakers: fold k
+    tests on ``groups[k - 1]`` and trains on the outer fold's other training speakers."""
+
+    groups: list[list[str]] = field(default_factory=list)
+    outer: int = 1
+
+    def split(self, number: int, *, val_fraction: float = 0.0, seed: int = 0) -> Split:
+        train = rows(self.row_of, self.experiment.split(self.outer)[0])
+        held = np.isin(self.features.speakers[train], self.groups[number - 1])
+        return Split(train=train[~held], val=np.zeros(0, np.int64), test=train[held])
+
+
+def _parse_case(text: str) -> dict:
+    model, kind, augment, *rest = text.split(":")
+    copies = int(rest.pop(0)) if rest and rest[0].isdigit() else 1
+    overrides = {}
+    for item in (rest[0].split("/") if rest else []):
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    return {"case": text, "model": model, "features": kind, "augment": augment, "copies": copies,
+            "overrides": overrides}
+
+
+def validate(args) -> None:
+    from p2pser.features.augment import perturbations
+
+    name = f"ser-validate-{args.corpus}-fold{args.fold}"
+    path = Path(__file__).parent / "results" / f"{name}.json"
+    results = json.loads(path.read_text()) if path.exists() else {"cases": []}
+    pooled: dict[str, Pooled] = {}
+    for case in map(_parse_case, args.cases.split(",")):
+        kind = case["features"]
+        if kind not in pooled:
+            base = prepare_pooled(DATA / args.corpus, FeatureSpec(kind=kind), progress=False)
+            train = rows(base.row_of, base.experiment.split(args.fold)[0])
+            speakers = sorted(set(base.features.speakers[train].tolist()))
+            groups = [speakers[k :: args.inner] for k in range(args.inner)]
+            pooled[kind] = _InnerFolds(base.experiment, base.features, base.row_of, groups=groups, outer=args.fold)
+        data = dataclasses.replace(pooled[kind], augment=tuple(perturbations(case["augment"], case["copies"])))
+        cfg = recommended_config(case["model"], **case["overrides"])
+        load = os.getloadavg()[0]
+        t0 = time.process_time()
+        with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
+            summary = train_experiment(data, list(range(1, args.inner + 1)), case["model"], cfg, seed=args.seed,
+                                       out_dir=tmp, progress=False)
+        row = case | {"val_ua": round(summary["ua"], 4),
+                      "val_ua_per_group": [round(r["ua"], 4) for r in summary["per_fold"]],
+                      "groups": data.groups, "seed": args.seed,
+                      "train_s_per_group": round(np.mean([r["train_s"] for r in summary["per_fold"]]), 1),
+                      "cpu_s": round(time.process_time() - t0, 1), "load_avg_at_start": round(load, 1)}
+        print(json.dumps({k: row[k] for k in ("case", "val_ua", "val_ua_per_group", "cpu_s")}), flush=True)
+        results["cases"] = [c for c in results["cases"] if (c["case"], c["seed"]) != (row["case"], args.seed)]
+        results["cases"].append(row)
+        results |= {"corpus": args.corpus, "outer_fold": args.fold, "inner_groups": args.inner,
+                    "protocol": "validation UA on held-out training speakers; the outer fold's test speakers "
+                                "are never used"}
+        write_results(name, results | provenance(sys.argv))
+
+
 def table(args) -> None:
     """Markdown of the matrix files (for BENCHMARKS.md): one row per feature kind, one column per model."""
     results = Path(__file__).parent / "results"
@@ -235,7 +358,8 @@ def table(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule"))
+    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule", "validate",
+                                           "cyclic-rule"))
     parser.add_argument("--corpus", default="emodb")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", default="egemaps")
@@ -244,11 +368,15 @@ def main() -> None:
     parser.add_argument("--trees", type=int, default=100, help="gossip: boosting rounds per peer")
     parser.add_argument("--step", type=int, default=4, help="speed: every n-th EmoDB file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fold", type=int, default=1, help="validate: the outer fold")
+    parser.add_argument("--inner", type=int, default=4, help="validate: groups of held-out training speakers")
+    parser.add_argument("--cases", default="mlp:compare:none", help="validate: model:features:augment[:copies]")
     args = parser.parse_args()
     ensure_numba_cache()
     pin_threads(1)
     parts = {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table,
-             "bagging-rule": bagging_rule}
+             "bagging-rule": bagging_rule, "validate": validate,
+             "cyclic-rule": cyclic_rule}
     parts[args.part](args)
 
 

@@ -6,6 +6,8 @@ import argparse
 
 from p2pser.cli.features import add_spec_arguments, spec_from_args
 from p2pser.config import (
+    AUGMENT_COPIES_HELP,
+    AUGMENT_HELP,
     DP_ACCOUNTANTS,
     DP_MODES,
     NORMALIZERS,
@@ -52,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"both with one model [{RunConfig.task}]")
     p.add_argument("--regression-loss", choices=REGRESSION_LOSSES, default=RunConfig.regression_loss,
                    help=f"dimensions: 1 - CCC per minibatch, or mean squared error [{RunConfig.regression_loss}]")
+    p.add_argument("--augment", default=RunConfig.augment, help=AUGMENT_HELP + f" [{RunConfig.augment}]")
+    p.add_argument("--augment-copies", type=int, default=RunConfig.augment_copies,
+                   help=AUGMENT_COPIES_HELP + f" [{RunConfig.augment_copies}]")
     p.add_argument("--seed", type=int, default=0, help="seed for initial weights, shuffling, augmentation")
     p.add_argument("--threads", type=int, default=1,
                    help="torch/BLAS threads (default 1: fastest when other work shares the cores)")
@@ -92,6 +97,7 @@ def dp_from_args(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     # Heavy imports (torch) only when the command runs: `p2pser --help` stays fast.
     from p2pser.experiments.centralized import format_results, train_centralized
+    from p2pser.features.augment import perturbations
     from p2pser.learn.tasks import task_of_summary
     from p2pser.learn.trainer import recommended_config
 
@@ -103,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         model_name=args.model, spec=spec_from_args(args), train_cfg=cfg, seed=args.seed,
         val_fraction=args.val_fraction, cache_dir=args.cache_dir, workers=args.workers,
         progress=not args.no_progress, normalizer=args.normalizer, task=args.task, dp=dp_from_args(args),
+        augment=perturbations(args.augment, args.augment_copies),
     )
     print(format_results(summary, task_of_summary(summary)))
     print(f"results: {args.out}/summary.json" + (f", confusion matrix: {args.out}/confusion.png"

@@ -260,12 +260,13 @@ def bagging(peer: Peer, start_round: int = 0) -> Algorithm:
     while r < total:
         peer.round = r
         loss = None
+        learner.at_round(r, training=r < cfg.rounds)
         if r < cfg.rounds:
             loss = peer.local_update(cfg.local_steps)
             yield Compute(cfg.local_steps)
         attached: dict[int, dict[int, int]] = {}
         for j in peer.neighbours:
-            offer = learner.offer(known.get(j, {}))
+            offer = learner.offer(known.get(j, {}), to=j)
             attached[j] = {o: v for o, v, _, size in offer["index"].tolist() if size}
             yield Send((j,), peer.encode(offer, r))
         expect = frozenset(peer.neighbours) - suspects

@@ -58,10 +58,11 @@ VECTOR_MODELS = ("svm", "mlp", "xgb")  # work on one vector per utterance as wel
 VAL_FRACTION = 0.15
 
 
-def _case(pooled, model: str, kind: str, folds: list[int], tmp: Path, seed: int) -> dict:
+def _case(pooled, model: str, kind: str, folds: list[int], tmp: Path, seed: int,
+          val_fraction: float = VAL_FRACTION) -> dict:
     load = os.getloadavg()[0]
     summary = train_experiment(pooled, folds, model, recommended_config(model), seed=seed,
-                               out_dir=tmp / f"{model}-{kind}", val_fraction=VAL_FRACTION, progress=False)
+                               out_dir=tmp / f"{model}-{kind}", val_fraction=val_fraction, progress=False)
     per_fold = []
     for r, fold in zip(summary["per_fold"], folds):
         metrics = json.loads((tmp / f"{model}-{kind}" / f"fold-{fold}" / "metrics.json").read_text())
@@ -99,14 +100,21 @@ def matrix(args) -> None:
 
 
 def folds(args) -> None:
+    """``--val-fraction 0`` trains as ``p2pser train`` does by default (every epoch, the last kept);
+    ``--augment`` adds the perturbed copies of each fold's training utterances."""
+    from p2pser.features.augment import perturbations
+
+    tokens = perturbations(args.augment, args.copies)
     with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
-        pooled = prepare_pooled(DATA / args.corpus, FeatureSpec(kind=args.features), progress=False)
-        numbers = parse_folds("all", len(pooled.experiment.folds))
-        case = _case(pooled, args.model, args.features, numbers, Path(tmp), args.seed)
+        pooled = prepare_pooled(DATA / args.corpus, FeatureSpec(kind=args.features), progress=False, augment=tokens)
+        numbers = parse_folds(args.folds, len(pooled.experiment.folds))
+        case = _case(pooled, args.model, args.features, numbers, Path(tmp), args.seed, args.val_fraction)
     print(json.dumps(case, indent=1))
-    write_results(f"ser-folds-{args.corpus}-{args.model}-{args.features}",
-                  {"corpus": args.corpus, "val_fraction": VAL_FRACTION, "seed": args.seed, **case}
-                  | provenance(sys.argv))
+    suffix = (f"-{args.augment.replace(',', '+')}{args.copies}" if tokens else "") \
+        + ("-all-epochs" if args.val_fraction == 0 else "") + (f"-folds{args.folds}" if args.folds != "all" else "")
+    write_results(f"ser-folds-{args.corpus}-{args.model}-{args.features}{suffix}",
+                  {"corpus": args.corpus, "val_fraction": args.val_fraction, "seed": args.seed, "augment": tokens,
+                   **case} | provenance(sys.argv))
 
 
 def gossip(args) -> None:
@@ -369,6 +377,11 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=4, help="speed: every n-th EmoDB file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fold", type=int, default=1, help="validate: the outer fold")
+    parser.add_argument("--folds", default="all", help="folds: which folds (comma list or all)")
+    parser.add_argument("--augment", default="none", help="folds: --augment of p2pser train")
+    parser.add_argument("--copies", type=int, default=1, help="folds: --augment-copies")
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                        help="folds: validation share for early stopping (0: all epochs, as p2pser train)")
     parser.add_argument("--inner", type=int, default=4, help="validate: groups of held-out training speakers")
     parser.add_argument("--cases", default="mlp:compare:none", help="validate: model:features:augment[:copies]")
     args = parser.parse_args()

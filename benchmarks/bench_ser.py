@@ -123,9 +123,9 @@ def gossip(args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
         run = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "p2pser", "simulate", str(DATA / "emodb"), "--fold", "1", "--peers", "8",
-               "--model", "xgb", "--algorithm", "bagging", "--features", args.features, "--rounds", "1",
-               "--local-steps", str(args.trees), "--final-mixing", "3", "--eval-every", "1",
-               "--baseline", "centralized", "--out", str(run)]
+               "--model", "xgb", "--algorithm", "bagging", "--features", args.features,
+               "--rounds", str(args.rounds), "--local-steps", str(args.trees), "--final-mixing", "3",
+               "--eval-every", "1", "--boosting", args.boosting, "--baseline", "centralized", "--out", str(run)]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -143,7 +143,8 @@ def gossip(args) -> None:
                "bytes_sent_mean_per_peer": round(sum(p["bytes_sent"] for p in peers) / len(peers)),
                "bytes_sent_max_peer": summary["bytes_sent_max_peer"], "peers": peers}
     print(json.dumps({k: v for k, v in results.items() if k != "peers"}, indent=1))
-    write_results(f"ser-gossip-{args.features}", results | provenance(sys.argv))
+    suffix = "" if args.boosting == "own" else f"-{args.boosting}"
+    write_results(f"ser-gossip-{args.features}{suffix}", results | provenance(sys.argv))
 
 
 def bagging_rule(args) -> None:
@@ -206,7 +207,9 @@ def cyclic_rule(args) -> None:
     speakers = sorted(set(fs.speakers[train].tolist()))
     groups = [speakers[k :: args.inner] for k in range(args.inner)]
     v = trees.utterance_vectors(standardize_by_speaker(fs.x, fs.lengths, fs.speakers))
-    methods = ["pooled", "bag"] + [f"cyclic-{k}" for k in (5, 10, 25)]
+    methods = ["pooled", "bag"] + [f"cyclic-{k}" for k in (5, 10, 25)] + [f"averaged-{k}" for k in args.averaged]
+    if args.only_averaged:
+        methods = [f"averaged-{k}" for k in args.averaged]
     scores: dict[str, list[float]] = {m: [] for m in methods}
     t0 = time.process_time()
     for group in groups:
@@ -218,6 +221,11 @@ def cyclic_rule(args) -> None:
         def ua(probs: np.ndarray, truth: np.ndarray = y[val]) -> float:
             return classification_report(truth, probs.argmax(1), pooled.classes)["ua"]
 
+        for k in args.averaged:
+            scores[f"averaged-{k}"].append(ua(_averaged_boosting(v, y, peers, val, k_classes, k, args.seed)))
+        if args.only_averaged:
+            print(json.dumps({m: round(s[-1], 4) for m, s in scores.items()}), flush=True)
+            continue
         model = trees.boost(v[fit], y[fit], k_classes, XGB_TREES, seed=args.seed)
         scores["pooled"].append(ua(trees.probabilities(model, v[val])))
         bag = [trees.boost(v[p], y[p], k_classes, 50, seed=args.seed + i) for i, p in enumerate(peers)]
@@ -234,10 +242,37 @@ def cyclic_rule(args) -> None:
     result = {m: {"val_ua": round(float(np.mean(s)), 4), "per_group": [round(x, 4) for x in s]}
               for m, s in scores.items()}
     print(json.dumps(result), flush=True)
-    write_results(f"ser-cyclic-rule-{args.features}",
+    write_results(f"ser-cyclic-rule-{args.features}" + ("-averaged" if args.only_averaged else ""),
                   {"corpus": "emodb", "outer_fold": args.fold, "groups": groups, "methods": result,
                    "trees_per_ensemble": XGB_TREES, "cpu_s": round(time.process_time() - t0, 1),
                    "load_avg": round(os.getloadavg()[0], 1)} | provenance(sys.argv))
+
+
+def _averaged_boosting(v, y, peers, val, n_classes: int, k: int, seed: int) -> np.ndarray:
+    """Boosting by averaging: in every round each peer fits ``k`` trees on its own data from the margin of
+    the shared model, and the model adds the mean of the peers' tree sets (functional gradient steps
+    averaged over peers, as FedAvg averages weight updates). Returns validation probabilities."""
+    import xgboost as xgb
+
+    from p2pser.learn.trees import XGB_RECIPE, XGB_TREES, class_balanced_weights
+
+    params = XGB_RECIPE | {"num_class": n_classes, "nthread": 1, "verbosity": 0}
+    margin = {i: np.zeros((len(p), n_classes), np.float32) for i, p in enumerate(peers)}
+    margin_val = np.zeros((len(val), n_classes), np.float32)
+    zero_val = xgb.DMatrix(v[val], base_margin=np.zeros((len(val), n_classes)))
+    for r in range(XGB_TREES // k):
+        sets = []
+        for i, p in enumerate(peers):
+            data = xgb.DMatrix(v[p], label=y[p], weight=class_balanced_weights(y[p], n_classes),
+                               base_margin=margin[i])
+            sets.append(xgb.train(params | {"seed": seed + i + 1000 * r}, data, num_boost_round=k))
+        for m in sets:
+            for i, p in enumerate(peers):
+                own = xgb.DMatrix(v[p], base_margin=np.zeros((len(p), n_classes)))
+                margin[i] += m.predict(own, output_margin=True) / len(peers)
+            margin_val += m.predict(zero_val, output_margin=True) / len(peers)
+    e = np.exp(margin_val - margin_val.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def speed(args) -> None:
@@ -373,7 +408,12 @@ def main() -> None:
     parser.add_argument("--features", default="egemaps")
     parser.add_argument("--models", default=None, help="matrix: only these models (comma list)")
     parser.add_argument("--kinds", default=None, help="matrix: only these feature kinds (comma list)")
-    parser.add_argument("--trees", type=int, default=100, help="gossip: boosting rounds per peer")
+    parser.add_argument("--trees", type=int, default=100, help="gossip: boosting rounds per peer and round")
+    parser.add_argument("--rounds", type=int, default=1, help="gossip: rounds of boosting")
+    parser.add_argument("--boosting", default="own", help="gossip: --boosting own or cyclic")
+    parser.add_argument("--averaged", type=lambda t: [int(k) for k in t.split(",") if k], default=[],
+                        help="cyclic-rule: also boosting by averaged tree sets, k trees per round (comma list)")
+    parser.add_argument("--only-averaged", action="store_true", help="cyclic-rule: only the averaged methods")
     parser.add_argument("--step", type=int, default=4, help="speed: every n-th EmoDB file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fold", type=int, default=1, help="validate: the outer fold")

@@ -168,10 +168,13 @@ def test_xgb_by_bagging_in_simulate_reaches_every_peer_with_a_pooled_baseline(tm
 
 @pytest.mark.slow
 def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus):
+    """Also cyclic boosting (each peer's ensemble comes back to it grown) and augmentation in real peers
+    (each perturbs its own audio, from the cache the launcher filled)."""
     topo = topology_file(tmp_path, "ring", 2)
     run = tmp_path / "run"
     result = p2pser("launch", topo, synth_corpus, "--out", run, "--rounds", "2", "--final-mixing", "1",
-                    "--eval-every", "1", "--cache-dir", tmp_path / "cache", "--quiet", *XGB, timeout=300)
+                    "--eval-every", "1", "--cache-dir", tmp_path / "cache", "--quiet", *XGB,
+                    "--boosting", "cyclic", "--augment", "noise", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mode"] == "launch" and summary["ua_mean"] > 1 / N_CLASSES + 0.2
@@ -180,6 +183,7 @@ def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus):
         assert rows[-1]["bag_size"] == 2 and rows[-1]["bytes_sent"] > 0 and rows[-1]["rejected"] == 0
         with np.load(run / f"peer-{k:03d}" / "ensembles.npz") as saved:
             assert sorted(saved["index"][:, 0].tolist()) == [0, 1]
+            assert saved["index"][:, 1].tolist() == [20, 20]  # 2 rounds x 10 trees, by both peers in turn
             raw = saved["ensembles"][: saved["index"][0, 3]]
             trees.from_wire(raw, n_features=240, n_classes=N_CLASSES)  # mfcc mean + std: 2 x 120 channels
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from bench_common import DATA, provenance, write_results
+from bench_common import DATA, RESULTS, provenance, write_results
 
 from p2pser.config import ENSEMBLE_MODELS
 from p2pser.experiments.centralized import Pooled, parse_folds, prepare_pooled, train_experiment
@@ -115,6 +115,28 @@ def folds(args) -> None:
     write_results(f"ser-folds-{args.corpus}-{args.model}-{args.features}{suffix}",
                   {"corpus": args.corpus, "val_fraction": args.val_fraction, "seed": args.seed, "augment": tokens,
                    **case} | provenance(sys.argv))
+
+
+def join(args) -> None:
+    """Join ``folds`` runs made one fold at a time (``--folds K``, separate processes) into the file a run
+    of every fold would have written; each part's file, commit and command are kept under ``parts``."""
+    from p2pser.features.augment import perturbations
+
+    tokens = perturbations(args.augment, args.copies)
+    stem = f"ser-folds-{args.corpus}-{args.model}-{args.features}" \
+        + (f"-{args.augment.replace(',', '+')}{args.copies}" if tokens else "") \
+        + ("-all-epochs" if args.val_fraction == 0 else "")
+    parts = sorted(RESULTS.glob(f"{stem}-folds*.json"))
+    docs = [json.loads(p.read_text()) for p in parts]
+    per_fold = sorted((f for d in docs for f in d["per_fold"]), key=lambda f: f["fold"])
+    joined = {"corpus": args.corpus, "val_fraction": args.val_fraction, "augment": tokens, "model": args.model,
+              "features": args.features, "ua": round(float(np.mean([f["ua"] for f in per_fold])), 4),
+              "folds": [f["fold"] for f in per_fold], "per_fold": per_fold,
+              "train_s_per_fold": round(float(np.mean([f["train_s"] for f in per_fold])), 1),
+              "parts": [{"file": p.name, "commit": d["commit"], "command": d["command"], "date": d["date"],
+                         "load_avg_at_start": d["load_avg_at_start"]} for p, d in zip(parts, docs)]}
+    print(json.dumps({k: joined[k] for k in ("ua", "folds")}))
+    write_results(stem, joined | provenance(sys.argv))
 
 
 def gossip(args) -> None:
@@ -402,7 +424,7 @@ def table(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule", "validate",
-                                           "cyclic-rule"))
+                                           "cyclic-rule", "join"))
     parser.add_argument("--corpus", default="emodb")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", default="egemaps")
@@ -429,7 +451,7 @@ def main() -> None:
     pin_threads(1)
     parts = {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table,
              "bagging-rule": bagging_rule, "validate": validate,
-             "cyclic-rule": cyclic_rule}
+             "cyclic-rule": cyclic_rule, "join": join}
     parts[args.part](args)
 
 

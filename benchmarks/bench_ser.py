@@ -117,6 +117,28 @@ def folds(args) -> None:
                    **case} | provenance(sys.argv))
 
 
+def peers_augment(args) -> None:
+    """``simulate`` with every default (mlp on compare, one peer per training speaker, dpsgd) and each peer
+    perturbing its own audio (``--augment``), on one fold; the run without is issue 11's
+    (``gossip-folds.json``)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
+        run = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "p2pser", "simulate", str(DATA / args.corpus), "--fold", str(args.fold),
+               "--augment", args.augment, "--augment-copies", str(args.copies), "--out", str(run)]
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        summary = json.loads((run / "summary.json").read_text())
+    results = {"command": " ".join(cmd[1:]), "wall_s": round(time.perf_counter() - start, 1),
+               "load_avg_at_start": round(load, 1), "ua_mean": round(summary["ua_mean"], 4),
+               "ua_min": round(summary["ua_min"], 4), "ua_average_model": summary.get("ua_average_model"),
+               "peers": summary["peers"], "bytes_sent_max_peer": summary["bytes_sent_max_peer"]}
+    print(json.dumps(results, indent=1))
+    write_results(f"ser-peers-{args.corpus}-fold{args.fold}-{args.augment}{args.copies}", results | provenance(sys.argv))
+
+
 def join(args) -> None:
     """Join ``folds`` runs made one fold at a time (``--folds K``, separate processes) into the file a run
     of every fold would have written; each part's file, commit and command are kept under ``parts``."""
@@ -424,7 +446,7 @@ def table(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule", "validate",
-                                           "cyclic-rule", "join"))
+                                           "cyclic-rule", "join", "peers-augment"))
     parser.add_argument("--corpus", default="emodb")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", default="egemaps")
@@ -451,7 +473,8 @@ def main() -> None:
     pin_threads(1)
     parts = {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table,
              "bagging-rule": bagging_rule, "validate": validate,
-             "cyclic-rule": cyclic_rule, "join": join}
+             "cyclic-rule": cyclic_rule, "join": join,
+             "peers-augment": peers_augment}
     parts[args.part](args)
 
 

@@ -13,32 +13,43 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
 ``bagging-rule``  how a peer combines ensembles and how many trees it boosts, chosen on validation data.
 ``speed``   extraction speed of each feature kind on EmoDB: seconds of audio per CPU-second cold (a fresh
             cache, one process) and utterances per second warm.
+``validate`` validation UA on held-out *speakers* of a fold's training speakers (never its test speakers):
+            the training speakers are dealt into ``--inner`` groups, each in turn held out while the model
+            trains on the others (all epochs, no early stopping, as ``p2pser train`` runs). A case is
+            ``model:features:augment[:copies][:key=value/key=value]`` (recipe overrides); results accumulate
+            in ``ser-validate-<corpus>-fold<K>.json``. Augmentation and recipe choices are made here.
 
     python benchmarks/bench_ser.py matrix --corpus emodb
     python benchmarks/bench_ser.py folds --corpus ravdess --model mlp --features egemaps
     python benchmarks/bench_ser.py gossip
     python benchmarks/bench_ser.py speed
+    python benchmarks/bench_ser.py validate --corpus emodb --cases mlp:compare:none,mlp:compare:speed:2
     python benchmarks/bench_ser.py table     # the matrix files as markdown tables
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_common import DATA, provenance, write_results
+import numpy as np
+from bench_common import DATA, RESULTS, provenance, write_results
 
 from p2pser.config import ENSEMBLE_MODELS
-from p2pser.experiments.centralized import parse_folds, prepare_pooled, train_experiment
+from p2pser.experiments.centralized import Pooled, parse_folds, prepare_pooled, train_experiment
 from p2pser.features.extract import extract_features
 from p2pser.features.spec import FeatureSpec
 from p2pser.learn.models import MODEL_NAMES
 from p2pser.learn.trainer import recommended_config
+from p2pser.partition.experiment import rows
+from p2pser.partition.folds import Split
 from p2pser.runtime import ensure_numba_cache, pin_threads
 
 UTTERANCE_KINDS = ("egemaps", "compare")
@@ -47,10 +58,11 @@ VECTOR_MODELS = ("svm", "mlp", "xgb")  # work on one vector per utterance as wel
 VAL_FRACTION = 0.15
 
 
-def _case(pooled, model: str, kind: str, folds: list[int], tmp: Path, seed: int) -> dict:
+def _case(pooled, model: str, kind: str, folds: list[int], tmp: Path, seed: int,
+          val_fraction: float = VAL_FRACTION) -> dict:
     load = os.getloadavg()[0]
     summary = train_experiment(pooled, folds, model, recommended_config(model), seed=seed,
-                               out_dir=tmp / f"{model}-{kind}", val_fraction=VAL_FRACTION, progress=False)
+                               out_dir=tmp / f"{model}-{kind}", val_fraction=val_fraction, progress=False)
     per_fold = []
     for r, fold in zip(summary["per_fold"], folds):
         metrics = json.loads((tmp / f"{model}-{kind}" / f"fold-{fold}" / "metrics.json").read_text())
@@ -88,14 +100,65 @@ def matrix(args) -> None:
 
 
 def folds(args) -> None:
+    """``--val-fraction 0`` trains as ``p2pser train`` does by default (every epoch, the last kept);
+    ``--augment`` adds the perturbed copies of each fold's training utterances."""
+    from p2pser.features.augment import perturbations
+
+    tokens = perturbations(args.augment, args.copies)
     with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
-        pooled = prepare_pooled(DATA / args.corpus, FeatureSpec(kind=args.features), progress=False)
-        numbers = parse_folds("all", len(pooled.experiment.folds))
-        case = _case(pooled, args.model, args.features, numbers, Path(tmp), args.seed)
+        pooled = prepare_pooled(DATA / args.corpus, FeatureSpec(kind=args.features), progress=False, augment=tokens)
+        numbers = parse_folds(args.folds, len(pooled.experiment.folds))
+        case = _case(pooled, args.model, args.features, numbers, Path(tmp), args.seed, args.val_fraction)
     print(json.dumps(case, indent=1))
-    write_results(f"ser-folds-{args.corpus}-{args.model}-{args.features}",
-                  {"corpus": args.corpus, "val_fraction": VAL_FRACTION, "seed": args.seed, **case}
-                  | provenance(sys.argv))
+    suffix = (f"-{args.augment.replace(',', '+')}{args.copies}" if tokens else "") \
+        + ("-all-epochs" if args.val_fraction == 0 else "") + (f"-folds{args.folds}" if args.folds != "all" else "")
+    write_results(f"ser-folds-{args.corpus}-{args.model}-{args.features}{suffix}",
+                  {"corpus": args.corpus, "val_fraction": args.val_fraction, "seed": args.seed, "augment": tokens,
+                   **case} | provenance(sys.argv))
+
+
+def peers_augment(args) -> None:
+    """``simulate`` with every default (mlp on compare, one peer per training speaker, dpsgd) and each peer
+    perturbing its own audio (``--augment``), on one fold; the run without is issue 11's
+    (``gossip-folds.json``)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
+        run = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "p2pser", "simulate", str(DATA / args.corpus), "--fold", str(args.fold),
+               "--augment", args.augment, "--augment-copies", str(args.copies), "--out", str(run)]
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        summary = json.loads((run / "summary.json").read_text())
+    results = {"command": " ".join(cmd[1:]), "wall_s": round(time.perf_counter() - start, 1),
+               "load_avg_at_start": round(load, 1), "ua_mean": round(summary["ua_mean"], 4),
+               "ua_min": round(summary["ua_min"], 4), "ua_average_model": summary.get("ua_average_model"),
+               "peers": summary["peers"], "bytes_sent_max_peer": summary["bytes_sent_max_peer"]}
+    print(json.dumps(results, indent=1))
+    write_results(f"ser-peers-{args.corpus}-fold{args.fold}-{args.augment}{args.copies}", results | provenance(sys.argv))
+
+
+def join(args) -> None:
+    """Join ``folds`` runs made one fold at a time (``--folds K``, separate processes) into the file a run
+    of every fold would have written; each part's file, commit and command are kept under ``parts``."""
+    from p2pser.features.augment import perturbations
+
+    tokens = perturbations(args.augment, args.copies)
+    stem = f"ser-folds-{args.corpus}-{args.model}-{args.features}" \
+        + (f"-{args.augment.replace(',', '+')}{args.copies}" if tokens else "") \
+        + ("-all-epochs" if args.val_fraction == 0 else "")
+    parts = sorted(RESULTS.glob(f"{stem}-folds*.json"))
+    docs = [json.loads(p.read_text()) for p in parts]
+    per_fold = sorted((f for d in docs for f in d["per_fold"]), key=lambda f: f["fold"])
+    joined = {"corpus": args.corpus, "val_fraction": args.val_fraction, "augment": tokens, "model": args.model,
+              "features": args.features, "ua": round(float(np.mean([f["ua"] for f in per_fold])), 4),
+              "folds": [f["fold"] for f in per_fold], "per_fold": per_fold,
+              "train_s_per_fold": round(float(np.mean([f["train_s"] for f in per_fold])), 1),
+              "parts": [{"file": p.name, "commit": d["commit"], "command": d["command"], "date": d["date"],
+                         "load_avg_at_start": d["load_avg_at_start"]} for p, d in zip(parts, docs)]}
+    print(json.dumps({k: joined[k] for k in ("ua", "folds")}))
+    write_results(stem, joined | provenance(sys.argv))
 
 
 def gossip(args) -> None:
@@ -104,9 +167,9 @@ def gossip(args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
         run = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "p2pser", "simulate", str(DATA / "emodb"), "--fold", "1", "--peers", "8",
-               "--model", "xgb", "--algorithm", "bagging", "--features", args.features, "--rounds", "1",
-               "--local-steps", str(args.trees), "--final-mixing", "3", "--eval-every", "1",
-               "--baseline", "centralized", "--out", str(run)]
+               "--model", "xgb", "--algorithm", "bagging", "--features", args.features,
+               "--rounds", str(args.rounds), "--local-steps", str(args.trees), "--final-mixing", "3",
+               "--eval-every", "1", "--boosting", args.boosting, "--baseline", "centralized", "--out", str(run)]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -124,7 +187,8 @@ def gossip(args) -> None:
                "bytes_sent_mean_per_peer": round(sum(p["bytes_sent"] for p in peers) / len(peers)),
                "bytes_sent_max_peer": summary["bytes_sent_max_peer"], "peers": peers}
     print(json.dumps({k: v for k, v in results.items() if k != "peers"}, indent=1))
-    write_results(f"ser-gossip-{args.features}", results | provenance(sys.argv))
+    suffix = "" if args.boosting == "own" else f"-{args.boosting}"
+    write_results(f"ser-gossip-{args.features}{suffix}", results | provenance(sys.argv))
 
 
 def bagging_rule(args) -> None:
@@ -132,7 +196,6 @@ def bagging_rule(args) -> None:
     EmoDB fold 1 (as 8 peers hold them), combined by the sample-weighted mean of probabilities, of margins
     or of log-probabilities, for 50 and 200 boosting rounds, scored on 15% of the training speakers'
     utterances held out (two hold-out seeds)."""
-    import numpy as np
     import xgboost as xgb
 
     from p2pser.features.normalize import standardize_by_speaker
@@ -168,6 +231,92 @@ def bagging_rule(args) -> None:
         print(json.dumps(rows[-1]), flush=True)
     write_results(f"ser-bagging-rule-{args.features}", {"corpus": "emodb", "fold": 1, "val_fraction": VAL_FRACTION,
                                                          "validation_ua": rows} | provenance(sys.argv))
+
+
+def cyclic_rule(args) -> None:
+    """How peers should boost trees by gossip, chosen on held-out training speakers of EmoDB fold 1 (the
+    ``validate`` groups; its test speakers are never used): one peer per remaining training speaker, and
+    (a) ``bag``: each peer boosts its own ensemble, predictions average the peers' probabilities;
+    (b) ``cyclic``: as many travelling ensembles as peers, in round r peer p adds k trees on its own data
+    to ensemble (p - r) mod n and passes it to peer p + 1; predictions average the ensembles;
+    (c) the pooled model of the same speakers, for reference. Validation UA on the held-out speakers."""
+    from p2pser.features.normalize import standardize_by_speaker
+    from p2pser.learn import trees
+    from p2pser.learn.metrics import classification_report
+    from p2pser.learn.trees import XGB_TREES
+
+    pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=args.features), progress=False)
+    fs, y = pooled.features, pooled.y
+    train = rows(pooled.row_of, pooled.experiment.split(args.fold)[0])
+    speakers = sorted(set(fs.speakers[train].tolist()))
+    groups = [speakers[k :: args.inner] for k in range(args.inner)]
+    v = trees.utterance_vectors(standardize_by_speaker(fs.x, fs.lengths, fs.speakers))
+    methods = ["pooled", "bag"] + [f"cyclic-{k}" for k in (5, 10, 25)] + [f"averaged-{k}" for k in args.averaged]
+    if args.only_averaged:
+        methods = [f"averaged-{k}" for k in args.averaged]
+    scores: dict[str, list[float]] = {m: [] for m in methods}
+    t0 = time.process_time()
+    for group in groups:
+        held = np.isin(fs.speakers[train], group)
+        val, fit = train[held], train[~held]
+        peers = [fit[fs.speakers[fit] == s] for s in sorted(set(fs.speakers[fit].tolist()))]
+        n, k_classes = len(peers), len(pooled.classes)
+
+        def ua(probs: np.ndarray, truth: np.ndarray = y[val]) -> float:
+            return classification_report(truth, probs.argmax(1), pooled.classes)["ua"]
+
+        for k in args.averaged:
+            scores[f"averaged-{k}"].append(ua(_averaged_boosting(v, y, peers, val, k_classes, k, args.seed)))
+        if args.only_averaged:
+            print(json.dumps({m: round(s[-1], 4) for m, s in scores.items()}), flush=True)
+            continue
+        model = trees.boost(v[fit], y[fit], k_classes, XGB_TREES, seed=args.seed)
+        scores["pooled"].append(ua(trees.probabilities(model, v[val])))
+        bag = [trees.boost(v[p], y[p], k_classes, 50, seed=args.seed + i) for i, p in enumerate(peers)]
+        scores["bag"].append(ua(np.mean([trees.probabilities(m, v[val]) for m in bag], axis=0)))
+        for k in (5, 10, 25):
+            chains: list = [None] * n
+            for r in range(XGB_TREES // k):
+                for p in range(n):
+                    c = (p - r) % n
+                    chains[c] = trees.boost(v[peers[p]], y[peers[p]], k_classes, k, seed=args.seed + p,
+                                            init=chains[c])
+            scores[f"cyclic-{k}"].append(ua(np.mean([trees.probabilities(m, v[val]) for m in chains], axis=0)))
+        print(json.dumps({m: round(s[-1], 4) for m, s in scores.items()}), flush=True)
+    result = {m: {"val_ua": round(float(np.mean(s)), 4), "per_group": [round(x, 4) for x in s]}
+              for m, s in scores.items()}
+    print(json.dumps(result), flush=True)
+    write_results(f"ser-cyclic-rule-{args.features}" + ("-averaged" if args.only_averaged else ""),
+                  {"corpus": "emodb", "outer_fold": args.fold, "groups": groups, "methods": result,
+                   "trees_per_ensemble": XGB_TREES, "cpu_s": round(time.process_time() - t0, 1),
+                   "load_avg": round(os.getloadavg()[0], 1)} | provenance(sys.argv))
+
+
+def _averaged_boosting(v, y, peers, val, n_classes: int, k: int, seed: int) -> np.ndarray:
+    """Boosting by averaging: in every round each peer fits ``k`` trees on its own data from the margin of
+    the shared model, and the model adds the mean of the peers' tree sets (functional gradient steps
+    averaged over peers, as FedAvg averages weight updates). Returns validation probabilities."""
+    import xgboost as xgb
+
+    from p2pser.learn.trees import XGB_RECIPE, XGB_TREES, class_balanced_weights
+
+    params = XGB_RECIPE | {"num_class": n_classes, "nthread": 1, "verbosity": 0}
+    margin = {i: np.zeros((len(p), n_classes), np.float32) for i, p in enumerate(peers)}
+    margin_val = np.zeros((len(val), n_classes), np.float32)
+    zero_val = xgb.DMatrix(v[val], base_margin=np.zeros((len(val), n_classes)))
+    for r in range(XGB_TREES // k):
+        sets = []
+        for i, p in enumerate(peers):
+            data = xgb.DMatrix(v[p], label=y[p], weight=class_balanced_weights(y[p], n_classes),
+                               base_margin=margin[i])
+            sets.append(xgb.train(params | {"seed": seed + i + 1000 * r}, data, num_boost_round=k))
+        for m in sets:
+            for i, p in enumerate(peers):
+                own = xgb.DMatrix(v[p], base_margin=np.zeros((len(p), n_classes)))
+                margin[i] += m.predict(own, output_margin=True) / len(peers)
+            margin_val += m.predict(zero_val, output_margin=True) / len(peers)
+    e = np.exp(margin_val - margin_val.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def speed(args) -> None:
@@ -211,6 +360,67 @@ def _pyin_speed(utterances) -> dict:
             "audio_s_per_cpu_s": round(audio / cpu, 2)}
 
 
+@dataclass
+class _InnerFolds(Pooled):
+    """A pooled experiment whose "folds" hold out groups of one outer fold's training speakers: fold k
+    tests on ``groups[k - 1]`` and trains on the outer fold's other training speakers."""
+
+    groups: list[list[str]] = field(default_factory=list)
+    outer: int = 1
+
+    def split(self, number: int, *, val_fraction: float = 0.0, seed: int = 0) -> Split:
+        train = rows(self.row_of, self.experiment.split(self.outer)[0])
+        held = np.isin(self.features.speakers[train], self.groups[number - 1])
+        return Split(train=train[~held], val=np.zeros(0, np.int64), test=train[held])
+
+
+def _parse_case(text: str) -> dict:
+    model, kind, augment, *rest = text.split(":")
+    copies = int(rest.pop(0)) if rest and rest[0].isdigit() else 1
+    overrides = {}
+    for item in (rest[0].split("/") if rest else []):
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    return {"case": text, "model": model, "features": kind, "augment": augment, "copies": copies,
+            "overrides": overrides}
+
+
+def validate(args) -> None:
+    from p2pser.features.augment import perturbations
+
+    name = f"ser-validate-{args.corpus}-fold{args.fold}"
+    path = Path(__file__).parent / "results" / f"{name}.json"
+    results = json.loads(path.read_text()) if path.exists() else {"cases": []}
+    pooled: dict[str, Pooled] = {}
+    for case in map(_parse_case, args.cases.split(",")):
+        kind = case["features"]
+        if kind not in pooled:
+            base = prepare_pooled(DATA / args.corpus, FeatureSpec(kind=kind), progress=False)
+            train = rows(base.row_of, base.experiment.split(args.fold)[0])
+            speakers = sorted(set(base.features.speakers[train].tolist()))
+            groups = [speakers[k :: args.inner] for k in range(args.inner)]
+            pooled[kind] = _InnerFolds(base.experiment, base.features, base.row_of, groups=groups, outer=args.fold)
+        data = dataclasses.replace(pooled[kind], augment=tuple(perturbations(case["augment"], case["copies"])))
+        cfg = recommended_config(case["model"], **case["overrides"])
+        load = os.getloadavg()[0]
+        t0 = time.process_time()
+        with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
+            summary = train_experiment(data, list(range(1, args.inner + 1)), case["model"], cfg, seed=args.seed,
+                                       out_dir=tmp, progress=False)
+        row = case | {"val_ua": round(summary["ua"], 4),
+                      "val_ua_per_group": [round(r["ua"], 4) for r in summary["per_fold"]],
+                      "groups": data.groups, "seed": args.seed,
+                      "train_s_per_group": round(np.mean([r["train_s"] for r in summary["per_fold"]]), 1),
+                      "cpu_s": round(time.process_time() - t0, 1), "load_avg_at_start": round(load, 1)}
+        print(json.dumps({k: row[k] for k in ("case", "val_ua", "val_ua_per_group", "cpu_s")}), flush=True)
+        results["cases"] = [c for c in results["cases"] if (c["case"], c["seed"]) != (row["case"], args.seed)]
+        results["cases"].append(row)
+        results |= {"corpus": args.corpus, "outer_fold": args.fold, "inner_groups": args.inner,
+                    "protocol": "validation UA on held-out training speakers; the outer fold's test speakers "
+                                "are never used"}
+        write_results(name, results | provenance(sys.argv))
+
+
 def table(args) -> None:
     """Markdown of the matrix files (for BENCHMARKS.md): one row per feature kind, one column per model."""
     results = Path(__file__).parent / "results"
@@ -235,20 +445,36 @@ def table(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule"))
+    parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule", "validate",
+                                           "cyclic-rule", "join", "peers-augment"))
     parser.add_argument("--corpus", default="emodb")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", default="egemaps")
     parser.add_argument("--models", default=None, help="matrix: only these models (comma list)")
     parser.add_argument("--kinds", default=None, help="matrix: only these feature kinds (comma list)")
-    parser.add_argument("--trees", type=int, default=100, help="gossip: boosting rounds per peer")
+    parser.add_argument("--trees", type=int, default=100, help="gossip: boosting rounds per peer and round")
+    parser.add_argument("--rounds", type=int, default=1, help="gossip: rounds of boosting")
+    parser.add_argument("--boosting", default="own", help="gossip: --boosting own or cyclic")
+    parser.add_argument("--averaged", type=lambda t: [int(k) for k in t.split(",") if k], default=[],
+                        help="cyclic-rule: also boosting by averaged tree sets, k trees per round (comma list)")
+    parser.add_argument("--only-averaged", action="store_true", help="cyclic-rule: only the averaged methods")
     parser.add_argument("--step", type=int, default=4, help="speed: every n-th EmoDB file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fold", type=int, default=1, help="validate: the outer fold")
+    parser.add_argument("--folds", default="all", help="folds: which folds (comma list or all)")
+    parser.add_argument("--augment", default="none", help="folds: --augment of p2pser train")
+    parser.add_argument("--copies", type=int, default=1, help="folds: --augment-copies")
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                        help="folds: validation share for early stopping (0: all epochs, as p2pser train)")
+    parser.add_argument("--inner", type=int, default=4, help="validate: groups of held-out training speakers")
+    parser.add_argument("--cases", default="mlp:compare:none", help="validate: model:features:augment[:copies]")
     args = parser.parse_args()
     ensure_numba_cache()
     pin_threads(1)
     parts = {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table,
-             "bagging-rule": bagging_rule}
+             "bagging-rule": bagging_rule, "validate": validate,
+             "cyclic-rule": cyclic_rule, "join": join,
+             "peers-augment": peers_augment}
     parts[args.part](args)
 
 

@@ -33,6 +33,7 @@ MODELS = ("svm", "cnn1d-shallow", "cnn1d", "cnn2d", "crnn", "mlp", "xgb")  # p2p
 # algorithm that exchanges them.
 ENSEMBLE_MODELS = ("xgb",)
 ENSEMBLE_ALGORITHM = "bagging"
+BOOSTING = ("own", "cyclic")  # p2pser.learn.bagging: who adds trees to which ensemble
 OPTIMIZERS = ("adamw", "sgd")
 NORMALIZERS = ("speaker", "global", "local")
 OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
@@ -44,6 +45,11 @@ DP_MODES = ("none", "utterance", "speaker")
 DP_ACCOUNTANTS = ("rdp", "prv")
 DP_NOISE = ("seeded", "os")
 RECORD_UPDATES = ("off", "first-layer")  # what p2pser.exchange.recording keeps
+
+
+AUGMENT_HELP = ("perturbed copies of each peer's own training utterances (never test ones): comma list of speed, "
+                "pitch, noise, or none")
+AUGMENT_COPIES_HELP = "--augment: copies per named perturbation (speed 0.9/1.1/0.95/1.05, pitch -2/+2/-1/+1, noise 20/15/25/10 dB SNR)"
 
 
 def _opt(help_text: str, **choices: Any) -> dict:
@@ -60,9 +66,17 @@ class RunConfig:
     # The model and features with the best validation UA over RAVDESS and EmoDB (benchmarks/bench_ser.py,
     # BENCHMARKS.md "Stronger SER"): an MLP on the ComParE 2016 functionals.
     features: str = field(default="compare", **_opt("feature kind, e.g. compare, egemaps, mfcc, mfcc+pitch"))
+    augment: str = field(default="none", **_opt(AUGMENT_HELP))
+    augment_copies: int = field(default=1, **_opt(AUGMENT_COPIES_HELP))
     max_seconds: float = field(default=4.0, **_opt("utterances are cropped or zero-padded to this length"))
     model: str = field(default="mlp", **_opt("model name from the registry"))
     algorithm: str = field(default="dpsgd", **_opt("learning algorithm", choices=ALGORITHMS))
+    boosting: str = field(
+        default="own",
+        **_opt("--model xgb: each peer boosts its own ensemble (own), or as many ensembles as peers travel the "
+               "ring of peer ids and each peer adds --local-steps trees on its own data to the one it holds "
+               "(cyclic)", choices=BOOSTING),
+    )
     # The decentralized recipe's defaults (rounds, final_mixing, eval_every; AdamW kept across averages) were
     # chosen on validation speakers, never a fold's test speakers: benchmarks/bench_recipe.py.
     rounds: int = field(default=60, **_opt("rounds (dpsgd, fedavg) or local update blocks (gossip)"))
@@ -182,10 +196,10 @@ class RunConfig:
                               ("peer_address", PEER_ADDRESS), ("task", TASKS),
                               ("regression_loss", REGRESSION_LOSSES), ("dp", DP_MODES),
                               ("dp_accountant", DP_ACCOUNTANTS), ("dp_noise", DP_NOISE),
-                              ("record_updates", RECORD_UPDATES)):
+                              ("record_updates", RECORD_UPDATES), ("boosting", BOOSTING)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config key '{name}': {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold"):
+        for name in ("rounds", "local_steps", "batch_size", "eval_every", "patience", "fold", "augment_copies"):
             if getattr(self, name) < 1:
                 raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "alpha", "round_timeout", "startup_timeout", "max_seconds", "stats_tolerance"):
@@ -208,6 +222,11 @@ class RunConfig:
             raise UserError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
         check_dp_values(self.dp, self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise_multiplier,
                         lambda name: f"config key '{name}'")
+        from p2pser.features.augment import perturbations
+
+        if perturbations(self.augment, self.augment_copies) and self.dp != "none":
+            raise UserError("config keys 'augment' and 'dp': a perturbed copy is another record of the same "
+                            "utterance, which the privacy accounting does not count; use one of them")
 
     def attacker_ids(self) -> frozenset[int]:
         """The peers that run ``attack`` (an experiment's Byzantine peers)."""

@@ -101,6 +101,34 @@ def test_garbage_and_inconsistent_indexes_are_rejected():
         _decoder(a).decode(_frames({"index": np.zeros((1, 3), np.int64), "ensembles": garbage[:0]}))
 
 
+def test_cyclic_boosting_passes_each_ensemble_round_the_ring():
+    from p2pser.exchange.mixing import Contribution
+
+    peers = [_learner(k, seed=k) for k in range(3)]
+    for p in peers:
+        p.cyclic, p.n_peers = True, 3
+    for r in range(3):
+        offers = {}
+        for p in peers:
+            p.at_round(r, training=True)
+            p.train(5)
+            # While training, a neighbour gets only the ensemble it extends next round: the one p just grew.
+            offers[p.id] = {j: _decoder(p).decode(_frames(p.offer(peers[j].holdings(), to=j), sender=p.id))
+                            for j in range(3) if j != p.id}
+            grown = (p.id - r) % 3
+            sent = offers[p.id][(p.id + 1) % 3].tensors["index"]
+            assert [o for o, _, _, size in sent.tolist() if size] == [grown]
+            assert p.holdings()[grown] == 5 * (r + 1)
+            assert not offers[p.id][(p.id + 2) % 3].tensors["ensembles"].size
+        for p in peers:
+            p.mix(p.snapshot(), 1.0, [Contribution(s, 40.0, offers[s][p.id].tensors) for s in range(3) if s != p.id],
+                  None)
+    # Every ensemble was boosted by all three peers in turn (three times five trees, 3 x 40 utterances).
+    for p in peers:
+        assert all(p.held[o].version == 15 and p.held[o].samples == 120 for o in p.held if o == (p.id - 2) % 3)
+    assert peers[0].evaluate()["test_ua"] > 0.6
+
+
 def test_checkpoint_restores_the_bag():
     a, b = _learner(0), _learner(1, seed=1)
     a.train(5)
@@ -140,10 +168,13 @@ def test_xgb_by_bagging_in_simulate_reaches_every_peer_with_a_pooled_baseline(tm
 
 @pytest.mark.slow
 def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus, feature_cache):
+    """Also cyclic boosting (each peer's ensemble comes back to it grown) and augmentation in real peers
+    (each perturbs its own audio, from the cache the launcher filled)."""
     topo = topology_file(tmp_path, "ring", 2)
     run = tmp_path / "run"
     result = p2pser("launch", topo, synth_corpus, "--out", run, "--rounds", "2", "--final-mixing", "1",
-                    "--eval-every", "1", "--cache-dir", feature_cache, "--quiet", *XGB, timeout=300)
+                    "--eval-every", "1", "--cache-dir", feature_cache, "--quiet", *XGB,
+                    "--boosting", "cyclic", "--augment", "noise", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mode"] == "launch" and summary["ua_mean"] > 1 / N_CLASSES + 0.2
@@ -152,6 +183,7 @@ def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus, featur
         assert rows[-1]["bag_size"] == 2 and rows[-1]["bytes_sent"] > 0 and rows[-1]["rejected"] == 0
         with np.load(run / f"peer-{k:03d}" / "ensembles.npz") as saved:
             assert sorted(saved["index"][:, 0].tolist()) == [0, 1]
+            assert saved["index"][:, 1].tolist() == [20, 20]  # 2 rounds x 10 trees, by both peers in turn
             raw = saved["ensembles"][: saved["index"][0, 3]]
             trees.from_wire(raw, n_features=240, n_classes=N_CLASSES)  # mfcc mean + std: 2 x 120 channels
 

@@ -90,11 +90,16 @@ def load_audio(
         y = _trim(y, trim_db, trim_block)
     if len(y) < min_samples:
         raise Unusable(f"too short: {1000 * len(y) / sample_rate:.0f} ms of sound" + suffix)
+    return normalize_level(y, normalize), seconds, damage
+
+
+def normalize_level(y: np.ndarray, normalize: str) -> np.ndarray:
+    """``y`` at the level ``normalize`` (one of NORMALIZATIONS) says, as float32."""
     if normalize == "rms":
         y = y * (10 ** (_RMS_TARGET_DBFS / 20) / max(float(np.sqrt(np.mean(y**2))), 1e-12))
     elif normalize == "peak":
-        y = y / float(np.abs(y).max())
-    return y.astype(np.float32), seconds, damage
+        y = y / max(float(np.abs(y).max()), 1e-12)
+    return y.astype(np.float32)
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, int, int, str | None]:

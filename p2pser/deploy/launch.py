@@ -30,7 +30,7 @@ from p2pser.exchange.algorithms import spec_of
 from p2pser.exchange.privacy import preflight as privacy_preflight
 from p2pser.exchange.topology import Topology, save_topology
 from p2pser.learn.tasks import Task, experiment_task
-from p2pser.partition.experiment import extract_for, make_plan, test_set
+from p2pser.partition.experiment import copies_for, extract_for, make_plan, test_set
 from p2pser.report.run_folder import peer_dir, prepare_out_dir
 from p2pser.report.summary import read_metrics, report_run
 
@@ -86,6 +86,7 @@ def launch(topology: Topology, topology_name: str, data_dir: str | Path, cfg: Ru
     needed = np.unique(np.concatenate([*plan.peers, plan.test]))
     features, row_of = extract_for(plan, needed, cfg, progress=not quiet)
     test = test_set(features, row_of, plan, cfg.normalizer)
+    copies_for(features, row_of, np.concatenate(plan.peers), cfg, progress=not quiet)  # the peers' copies too
     del features
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")

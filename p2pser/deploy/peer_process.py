@@ -24,7 +24,7 @@ from p2pser.exchange.algorithms import spec_of
 from p2pser.exchange.checkpoint import Checkpointer
 from p2pser.exchange.peer import build_peer
 from p2pser.exchange.topology import Topology
-from p2pser.partition.experiment import extract_for, make_plan, test_set
+from p2pser.partition.experiment import copies_for, extract_for, make_plan, test_set
 from p2pser.report.metrics_log import MetricsWriter, forget_rounds_from
 from p2pser.report.run_folder import METRICS, STATUS, peer_dir, write_json_atomic
 from p2pser.runtime import ensure_numba_cache, pin_threads
@@ -54,7 +54,9 @@ def run_peer(topology: Topology, peer_id: int, data_dir: str | Path, cfg: RunCon
         plan = make_plan(data_dir, cfg, topology.n)
         needed = np.concatenate([plan.peers[peer_id], plan.test])
         features, row_of = extract_for(plan, needed, cfg, workers=1)
-        peer = build_peer(plan, topology, peer_id, cfg, features, row_of, test_set(features, row_of, plan, cfg.normalizer))
+        copies = copies_for(features, row_of, plan.peers[peer_id], cfg, workers=1)  # its own utterances only
+        peer = build_peer(plan, topology, peer_id, cfg, features, row_of,
+                          test_set(features, row_of, plan, cfg.normalizer), copies=copies)
         del features
         saver = Checkpointer(peer, folder, cfg.checkpoint_every)
         resumed = cfg.resume == "auto" and saver.resume()

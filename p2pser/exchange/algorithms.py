@@ -248,6 +248,9 @@ def bagging(peer: Peer, start_round: int = 0) -> Algorithm:
     versions it listed plus those we attached for it in the same round, and an ensemble is attached only
     when we hold a newer one than that, so a version crosses each link at most once in each direction (a
     lost one is attached again a round later, when the neighbour's list shows it missing).
+
+    With ``--boosting cyclic`` the learner grows a travelling ensemble instead of its own and, while
+    training, attaches it only for the next peer of the ring (``learner.at_round`` tells it the round).
     """
     cfg = peer.config
     learner = peer.learner
@@ -260,12 +263,13 @@ def bagging(peer: Peer, start_round: int = 0) -> Algorithm:
     while r < total:
         peer.round = r
         loss = None
+        learner.at_round(r, training=r < cfg.rounds)
         if r < cfg.rounds:
             loss = peer.local_update(cfg.local_steps)
             yield Compute(cfg.local_steps)
         attached: dict[int, dict[int, int]] = {}
         for j in peer.neighbours:
-            offer = learner.offer(known.get(j, {}))
+            offer = learner.offer(known.get(j, {}), to=j)
             attached[j] = {o: v for o, v, _, size in offer["index"].tolist() if size}
             yield Send((j,), peer.encode(offer, r))
         expect = frozenset(peer.neighbours) - suspects

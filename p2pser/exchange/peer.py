@@ -23,6 +23,7 @@ from p2pser.exchange.mixing import Contribution, MixingRule, consensus_distance,
 from p2pser.exchange.privacy import SpeakerPrivate, check_dp_config, dp_seed, speaker_plan, utterance_plan
 from p2pser.exchange.recording import RecordingUpdates, speaker_attributes
 from p2pser.exchange.topology import Topology, metropolis_hastings_weights, rounds_to_agree
+from p2pser.features.augment import Copies, perturbations
 from p2pser.learn.data import PeerData
 from p2pser.learn.learner import Learner, TorchLearner
 from p2pser.learn.tasks import CLASSIFICATION, Task, experiment_task
@@ -140,7 +141,8 @@ def make_learner(data: PeerData, cfg: RunConfig, peer_id: int, task: Task = CLAS
         from p2pser.learn.bagging import BaggingLearner  # imports xgboost: only runs that use it pay
 
         learner: Learner = BaggingLearner(data, cfg.features, task, peer_id=peer_id, seed=cfg.seed,
-                                          total_trees=cfg.rounds * cfg.local_steps)
+                                          total_trees=cfg.rounds * cfg.local_steps, boosting=cfg.boosting,
+                                          n_peers=n_peers)
     else:
         learner = TorchLearner(
             data, cfg.model, cfg.features, train_config(cfg), task,
@@ -158,12 +160,14 @@ def make_learner(data: PeerData, cfg: RunConfig, peer_id: int, task: Task = CLAS
 
 
 def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features, row_of: dict[int, int],
-               test: tuple[np.ndarray, np.ndarray, np.ndarray], *, learner: Learner | None = None) -> Peer:
+               test: tuple[np.ndarray, np.ndarray, np.ndarray], *, learner: Learner | None = None,
+               copies: Copies | None = None) -> Peer:
     """The one way a peer is assembled, shared by real processes and the simulator.
 
     ``test`` is the fold's test set (x, y, lengths; ``test_set``), passed in so that simulated peers share
     one copy. ``learner``: one built elsewhere by this function (the simulator's learner worker processes,
-    ``p2pser.carriers.workers``) instead of a new one.
+    ``p2pser.carriers.workers``) instead of a new one. ``copies``: perturbed copies of training rows
+    (``--augment``; ``copies_for``), of which the peer's own join its training part.
     """
     own = rows(row_of, plan.peers[peer_id])
     if len(own) == 0:
@@ -173,7 +177,7 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
         data = PeerData.from_arrays(
             features.x, plan.experiment.row_targets(features, row_of), features.lengths, own, test, plan.classes,
             val_fraction=cfg.val_fraction, seed=cfg.seed * 7919 + peer_id, mode=cfg.normalizer,
-            speakers=features.speakers,
+            speakers=features.speakers, copies=copies,
         )
         learner = make_learner(data, cfg, peer_id, experiment_task(plan.experiment), n_peers=len(plan.peers))
         if cfg.record_updates != "off":  # outermost: it records exactly what is sent (p2pser audit)
@@ -182,8 +186,13 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
                                        data_dir=str(plan.corpus.root))
     w = _mixing_weights(topology)
     neighbours = topology.neighbours(peer_id)
+    if cfg.model in ENSEMBLE_MODELS and cfg.boosting == "cyclic" and topology.n > 1 \
+            and (peer_id + 1) % topology.n not in neighbours:
+        raise UserError(f"--boosting cyclic passes each ensemble from peer k to peer k + 1, but peer {peer_id} is "
+                        f"not linked to peer {(peer_id + 1) % topology.n}: use a topology that contains the ring "
+                        "(ring, exponential, a torus or complete graph), or --boosting own")
     # A peer's samples are its training files less validation and skipped ones: never more than its share.
-    most = max(len(files) for files in plan.peers)
+    most = max(len(files) for files in plan.peers) * (1 + len(perturbations(cfg.augment, cfg.augment_copies)))
     peer = Peer(peer_id, neighbours, learner, cfg,
                 mix_weights={j: float(w[peer_id, j]) for j in [*neighbours, peer_id]}, max_samples=most)
     if cfg.normalizer == "global":

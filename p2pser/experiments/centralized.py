@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from p2pser.config import ENSEMBLE_MODELS, RunConfig, check_model_name
 from p2pser.errors import UserError
+from p2pser.features.augment import Copies, extract_copies
 from p2pser.features.normalize import Normalizer, standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec
 from p2pser.learn.metrics import classification_report
@@ -90,6 +91,13 @@ class Pooled:
     experiment: Experiment
     features: FeatureSet
     row_of: dict[int, int]  # corpus utterance index -> row of features
+    augment: tuple[str, ...] = ()  # perturbations of the training utterances (p2pser.features.augment)
+    cache_dir: str | Path | None = None
+    workers: int | None = None
+
+    def copies(self, train: np.ndarray) -> Copies:
+        """The perturbed copies of these training rows (``augment``; extracted once into the cache)."""
+        return extract_copies(self.features, train, self.augment, cache_dir=self.cache_dir, workers=self.workers)
 
     @property
     def classes(self) -> list[str]:
@@ -123,14 +131,17 @@ def prepare_pooled(
     workers: int | None = None,
     progress: bool = True,
     task: str = "categorical",
+    augment: Sequence[str] = (),
 ) -> Pooled:
-    """Resolve the data folder's experiment (``load_experiment``) and extract (or load cached) features."""
+    """Resolve the data folder's experiment (``load_experiment``) and extract (or load cached) features.
+    ``augment``: perturbation tokens (``p2pser.features.augment.perturbations``) whose copies of each fold's
+    training utterances are added to its training part."""
     experiment = load_experiment(data_dir, folds_path=folds_path, test_speakers=test_speakers, task=task)
     # Categories: every utterance, not only the labelled ones, so that the extractor reports those outside
     # the classes. Dimensions: the labelled ones (the extractor does not filter them).
     wanted = np.arange(len(experiment.corpus.utterances)) if task == "categorical" else experiment.labelled
     features, row_of = experiment.extract(wanted, spec, cache_dir=cache_dir, workers=workers, progress=progress)
-    return Pooled(experiment, features, row_of)
+    return Pooled(experiment, features, row_of, tuple(augment), cache_dir, workers)
 
 
 def parse_folds(fold: int | str | Sequence[int], n_folds: int) -> list[int]:
@@ -188,6 +199,14 @@ def _fit_fold(
     y = data.y
     y_train, y_val, y_test = y[split.train], y[split.val], y[split.test]
     classes = data.classes
+    extra = data.copies(split.train)  # validation and test utterances are never augmented
+    if len(extra):
+        if dp is not None:
+            raise UserError(f"--dp {dp.mode} with --augment: a perturbed copy is another record of the same "
+                            "utterance, which the privacy accounting does not count; use one of them")
+        x_extra = (standardize_by_speaker(extra.x, extra.lengths, extra.speakers) if normalizer == "speaker"
+                   else norm.apply(extra.x, extra.lengths))
+        x_train, y_train = np.concatenate([x_train, x_extra]), np.concatenate([y_train, y[extra.source]])
 
     if model_name in ENSEMBLE_MODELS:
         if task.name != CLASSIFICATION.name:
@@ -325,6 +344,7 @@ def train_experiment(
         "train_config": asdict(train_cfg),
         "seed": seed,
         "normalizer": normalizer,
+        "augment": list(data.augment),
         "val_fraction": val_fraction,
         "folds_source": data.experiment.folds_source,
         "n_utterances": len(fs),
@@ -366,6 +386,7 @@ def train_centralized(
     normalizer: str = DEFAULT_NORMALIZER,
     task: str = "categorical",
     dp: PooledDP | None = None,
+    augment: Sequence[str] = (),
 ) -> dict:
     """``p2pser train`` as a function: prepare the data folder's experiment and run ``train_experiment``.
 
@@ -382,7 +403,7 @@ def train_centralized(
         test_speakers = [s for s in test_speakers.split(",") if s.strip()]
     pooled = prepare_pooled(
         data_dir, spec, folds_path=folds_path, test_speakers=list(test_speakers) if test_speakers else None,
-        cache_dir=cache_dir, workers=workers, progress=progress, task=task,
+        cache_dir=cache_dir, workers=workers, progress=progress, task=task, augment=augment,
     )
     numbers = parse_folds(fold if not test_speakers else 1, len(pooled.experiment.folds))
     cfg = train_cfg or recommended_config(model_name)

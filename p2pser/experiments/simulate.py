@@ -22,7 +22,7 @@ from p2pser.exchange.attacks import attacking_peers
 from p2pser.exchange.peer import build_peer
 from p2pser.exchange.topology import Topology
 from p2pser.learn.tasks import experiment_task
-from p2pser.partition.experiment import Plan, extract_for, test_set
+from p2pser.partition.experiment import Plan, copies_for, extract_for, test_set
 from p2pser.report.run_folder import STATUS, peer_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         needed = np.unique(np.concatenate([*plan.peers, plan.test]))
         features, row_of = extract_for(plan, needed, cfg, progress=False)
     test = test_set(features, row_of, plan, cfg.normalizer)
+    # Each real peer perturbs its own utterances (peer_process); here one call does it for all of them.
+    copies = copies_for(features, row_of, np.concatenate(plan.peers), cfg)
     if workers < 0:
         raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
     if batch_peers not in ("auto", "on", "off"):
@@ -124,9 +126,9 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
     pool = None
     if workers > 1:
         pool = WorkerPool(workers, topology.n,
-                          lambda k: build_peer(plan, topology, k, cfg, features, row_of, test).learner)
+                          lambda k: build_peer(plan, topology, k, cfg, features, row_of, test, copies=copies).learner)
     try:
-        peers = [build_peer(plan, topology, k, cfg, features, row_of, test,
+        peers = [build_peer(plan, topology, k, cfg, features, row_of, test, copies=copies,
                             learner=None if pool is None else RemoteLearner(pool, k)) for k in range(topology.n)]
         batch = None
         if pool is None and (batch_peers == "on" or light):

@@ -100,11 +100,14 @@ def run_baseline(data_dir: str | Path, cfg: RunConfig, n_peers: int, out_dir: Pa
     """The pooled-data model with the same model, features and epoch budget as the ``n_peers`` peers."""
     from p2pser.config import ENSEMBLE_MODELS, train_config
     from p2pser.experiments.centralized import train_centralized
+    from p2pser.features.augment import perturbations
     from p2pser.learn.trees import XGB_TREES
     from p2pser.partition.experiment import feature_spec
 
     plan = make_plan(data_dir, cfg, n_peers)
-    mean_own = np.mean([len(p) for p in plan.peers]) * (1 - cfg.val_fraction)
+    tokens = perturbations(cfg.augment, cfg.augment_copies)
+    # A peer's training part holds its perturbed copies too: an epoch of it is that much longer.
+    mean_own = np.mean([len(p) for p in plan.peers]) * (1 - cfg.val_fraction) * (1 + len(tokens))
     # Each peer sees rounds x local_steps x batch_size samples of its own data: that many epochs of it.
     epochs = max(1, round(cfg.rounds * cfg.local_steps * cfg.batch_size / max(mean_own, 1)))
     start = time.monotonic()
@@ -114,6 +117,7 @@ def run_baseline(data_dir: str | Path, cfg: RunConfig, n_peers: int, out_dir: Pa
         # pooling and the step count differ between the two arms.
         model_name=cfg.model, spec=feature_spec(cfg), train_cfg=train_config(cfg, epochs=epochs),
         seed=cfg.seed, cache_dir=cfg.cache_dir, progress=True, normalizer=cfg.normalizer, task=cfg.task,
+        augment=tokens,
     )
     # Trees have no epochs: the pooled xgb boosts as many trees as a peer may (p2pser.learn.trees.XGB_TREES).
     trees = cfg.model in ENSEMBLE_MODELS

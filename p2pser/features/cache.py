@@ -9,6 +9,8 @@ Layout (``--cache-dir``, else ``$P2PSER_CACHE_DIR``, else ``~/.cache/p2pser/feat
     ab/<hash>.audio.<key>.skip.json   why that content is unusable (corrupt, silent, ...), so a warm run does
                                       not retry it
 
+A perturbed copy (``--augment``) has the perturbation in both keys: its features sit beside the original's.
+
 Keys hash file *content*, so moved or duplicated files reuse their features and an edited file (new size
 or mtime, hence re-hashed) gets new ones. Every file is written to a temporary name and renamed, so an
 interrupted run or two runs sharing the cache never leave a half-written entry.
@@ -90,13 +92,14 @@ def _atomic_write(path: Path, write) -> None:
 class Cache:
     """Feature files of one spec, addressed by file-content hash."""
 
-    def __init__(self, root: Path, spec: FeatureSpec) -> None:
+    def __init__(self, root: Path, spec: FeatureSpec, *, augment: str | None = None) -> None:
         self.root = root
         self.spec = spec
+        self.augment = augment  # a perturbed copy's token (p2pser.features.augment), None for the original
         audio = {
             "sample_rate": spec.sample_rate, "trim_db": spec.trim_db, "normalize": spec.normalize,
             "n_fft": spec.n_fft, "hop_length": spec.hop_length, "win_length": spec.win_length,
-        }
+        } | ({"augment": augment} if augment else {})
         self.audio_key = _params_key(audio)
         self.part_keys = {p: _params_key({**audio, "part": p, **_part_settings(spec, p)}) for p in spec.parts}
 

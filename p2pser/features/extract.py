@@ -27,9 +27,10 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from p2pser.audio.corpora import Utterance
-from p2pser.audio.decode import Unusable, load_audio, read_file
+from p2pser.audio.decode import Unusable, load_audio, normalize_level, read_file
 from p2pser.errors import UserError
 from p2pser.features import kinds
+from p2pser.features.augment import perturb
 from p2pser.features.cache import Cache, Index, writable_cache_dir
 from p2pser.features.spec import FeatureSet, FeatureSpec, encode_labels
 from p2pser.runtime import ensure_numba_cache
@@ -50,6 +51,7 @@ def extract_features(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
+    augment: str | None = None,
 ) -> FeatureSet:
     """Features of ``utterances`` as a FeatureSet, computing only what the cache lacks.
 
@@ -57,13 +59,15 @@ def extract_features(
     Unusable files are skipped with one warning each. Up to ``workers`` processes (default: all CPUs)
     extract large jobs; they are spawned, so a calling script needs an ``if __name__ == "__main__":``
     guard (without one the workers fail and extraction falls back to this process, with a warning).
+    ``augment``: one perturbation token (``p2pser.features.augment.perturbations``): the features of that
+    perturbed copy of each utterance instead of the original's (cached under their own key).
     """
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
     utterances = list(utterances)
     if not utterances:
         raise UserError("no utterances to extract features from")
     classes, kept, dropped = _select_classes(utterances, classes)
-    cache = Cache(writable_cache_dir(cache_dir), spec)
+    cache = Cache(writable_cache_dir(cache_dir), spec, augment=augment)
     index = Index(cache.root / "index.json")
 
     digests: dict[str, str] = {}
@@ -232,6 +236,8 @@ def _extract_file(path: str, cache: Cache) -> _Outcome:
     except Unusable as exc:
         cache.save_skip(digest, str(exc))
         return _Outcome(digest, None, 0.0)
+    if cache.augment:
+        y = normalize_level(perturb(y, spec.sample_rate, cache.augment, bytes.fromhex(digest)), spec.normalize)
     for part, values in kinds.compute(y, spec, missing).items():
         cache.save_part(digest, part, values)
     return _Outcome(digest, None, seconds, f"{damage}; using the {seconds:.2f} s before" if damage else None)

@@ -17,10 +17,20 @@ every version of an ensemble crosses each link at most once in each direction (b
 ends got it in the same round and listed it too late for the other), and relaying brings every peer every ensemble within the
 topology's diameter. ``check`` validates a received state before it is filed (the codec calls it), so a
 malformed ensemble is rejected with a reason and never reaches xgboost's parser unchecked.
+
+``boosting="cyclic"`` (``--boosting cyclic``) lets the trees of one ensemble see many peers' data, which a
+bag of ensembles each boosted on one speaker cannot: there are as many ensembles as peers, and in round r
+peer p adds ``local_steps`` trees on its own data to ensemble (p - r) mod n, the one peer p - 1 extended in
+round r - 1, and passes it on to peer p + 1 (its neighbour: the topology must contain the ring). Every
+peer boosts in every round, so the ensembles travel in parallel; each is a cyclic boosting over all peers
+(Flower's ``FedXgbCyclic`` runs one such ensemble through a server), and a peer predicts with the mean of
+all of them. During training an ensemble is attached only for the neighbour that extends it next; the
+``final_mixing`` rounds spread the finished ones to everybody.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +43,8 @@ from p2pser.files import write_atomically
 from p2pser.learn import trees
 from p2pser.learn.data import PeerData, SharedStatistics
 from p2pser.learn.tasks import Task
+
+log = logging.getLogger(__name__)
 
 State = Mapping[str, np.ndarray]
 INDEX, ENSEMBLES = "index", "ensembles"
@@ -55,7 +67,7 @@ class BaggingLearner(SharedStatistics):
     averageable = False  # no parameter average, consensus distance or average model
 
     def __init__(self, data: PeerData, features: str, task: Task, *, peer_id: int, seed: int, total_trees: int,
-                 members: int = DEFAULT_MEMBERS) -> None:
+                 members: int = DEFAULT_MEMBERS, boosting: str = "own", n_peers: int = 1) -> None:
         self.data = data
         self.features = features
         self.task = task
@@ -72,12 +84,27 @@ class BaggingLearner(SharedStatistics):
         self.boosted = 0  # boosting rounds of our own ensemble
         self.held: dict[int, Member] = {}  # origin -> newest ensemble held, our own included once boosted
         self._last_loss = float("nan")
+        self.cyclic = boosting == "cyclic"
+        self.n_peers = max(n_peers, 1)
+        self.round, self.training = 0, True
+
+    def at_round(self, round_: int, *, training: bool) -> None:
+        """The schedule's round now starting (``training``: a round that boosts, not a final one)."""
+        self.round, self.training = round_, training
+
+    def _extending(self, peer: int, round_: int) -> int:
+        """``--boosting cyclic``: the ensemble (its origin) that ``peer`` extends in ``round_``."""
+        return (peer - round_) % self.n_peers
 
     # -- learning ---------------------------------------------------------------------------------------
     def train(self, steps: int, correction: State | None = None) -> float:
         """Boost ``steps`` more rounds on our own data (none once ``total_trees`` are reached); the mean
         log loss of the bag on our training data."""
         t0 = time.perf_counter()
+        if self.cyclic:
+            self._extend(steps)
+            self.timings["train"] += time.perf_counter() - t0
+            return self._last_loss
         rounds = min(steps, self.total_trees - self.boosted)
         if rounds > 0:
             own = self.held.get(self.id)
@@ -89,6 +116,24 @@ class BaggingLearner(SharedStatistics):
             self._last_loss = float(-np.mean(np.log(np.maximum(p, 1e-12))))
         self.timings["train"] += time.perf_counter() - t0
         return self._last_loss
+
+    def _extend(self, steps: int) -> None:
+        origin = self._extending(self.id, self.round)
+        base = self.held.get(origin)
+        if base is None and self.round > 0:
+            log.warning("peer %d: ensemble %d did not reach us from peer %d; starting it afresh", self.id, origin,
+                        (self.id - 1) % self.n_peers)
+        rounds = min(steps, trees.XGB_TREES - (base.version if base else 0))
+        if rounds <= 0:
+            return
+        booster = trees.boost(self._x, self.data.y_train, self.n_classes, rounds, seed=self.seed + self.id,
+                              init=base.booster if base else None)
+        self.boosted += rounds
+        version = (base.version if base else 0) + rounds
+        self.held[origin] = Member(version, (base.samples if base else 0) + self.samples, trees.to_wire(booster),
+                                   booster)
+        p = trees.probabilities(booster, self._x)[np.arange(self.samples), self.data.y_train]
+        self._last_loss = float(-np.mean(np.log(np.maximum(p, 1e-12))))
 
     def step_size(self) -> float:
         return 0.0  # no step in parameter space: trees are added, not moved
@@ -125,9 +170,14 @@ class BaggingLearner(SharedStatistics):
         """origin -> version of every ensemble held."""
         return {o: m.version for o, m in self.held.items()}
 
-    def offer(self, known: Mapping[int, int]) -> dict[str, np.ndarray]:
-        """Our state for a neighbour known to hold ``known`` (origin -> version): every ensemble listed,
-        those it lacks (or holds older) attached."""
+    def offer(self, known: Mapping[int, int], to: int | None = None) -> dict[str, np.ndarray]:
+        """Our state for a neighbour ``to`` known to hold ``known`` (origin -> version): every ensemble
+        listed, those it lacks (or holds older) attached; while cyclic boosting trains, only the ensemble
+        we grew this round, to the next peer of the ring, who extends it next (a version we hold of another
+        ensemble is older than the one its last extender sends)."""
+        if self.cyclic and self.training and to is not None:
+            grown = {self._extending(self.id, self.round)} if to == (self.id + 1) % self.n_peers else set()
+            return pack(self.held, known, only=grown)
         return pack(self.held, known)
 
     def snapshot(self) -> dict[str, np.ndarray]:
@@ -180,7 +230,8 @@ class BaggingLearner(SharedStatistics):
                 raw = blob[at:at + size]
                 at += size
                 held = self.held.get(origin)
-                if not size or origin == self.id or (held is not None and held.version >= version):
+                mine = origin == self.id and not self.cyclic  # cyclic: our ensemble comes back longer
+                if not size or mine or (held is not None and held.version >= version):
                     continue
                 booster = trees.from_wire(raw, n_features=self.n_features, n_classes=self.n_classes)
                 self.held[origin] = Member(version, samples, np.array(raw, dtype=np.uint8), booster)
@@ -214,11 +265,12 @@ class BaggingLearner(SharedStatistics):
         write_atomically(Path(folder) / ENSEMBLES_FILE, lambda fh: np.savez(fh, **state))
 
 
-def pack(held: Mapping[int, Member], known: Mapping[int, int]) -> dict[str, np.ndarray]:
-    """The wire state of ``held``: all listed, those newer than ``known`` says (origin -> version) attached."""
+def pack(held: Mapping[int, Member], known: Mapping[int, int], only: set[int] | None = None) -> dict[str, np.ndarray]:
+    """The wire state of ``held``: all listed, those newer than ``known`` says (origin -> version) attached
+    (of the origins in ``only``, when given)."""
     rows, blobs = [], []
     for origin, m in sorted(held.items()):
-        send = known.get(origin, -1) < m.version
+        send = known.get(origin, -1) < m.version and (only is None or origin in only)
         rows.append((origin, m.version, m.samples, len(m.raw) if send else 0))
         if send:
             blobs.append(m.raw)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from p2pser.features.augment import Copies
 from p2pser.features.normalize import Normalizer, moments, standardize_by_speaker
 
 
@@ -46,27 +47,37 @@ class PeerData:
         seed: int,
         mode: str = "local",
         speakers: np.ndarray | None = None,
+        copies: Copies | None = None,
     ) -> PeerData:
         """Split the peer's own rows ``own`` of ``x`` into train and validation; ``test`` = (x, y, lengths)
         of the fold's test set, shared, not copied (already standardised per speaker in ``speaker`` mode).
-        ``speakers`` (per row of ``x``) is needed by the ``speaker`` mode."""
+        ``speakers`` (per row of ``x``) is needed by the ``speaker`` mode. ``copies``: perturbed copies of
+        rows of ``x`` (``--augment``); those of the training part join it, those of validation are dropped."""
         rng = np.random.default_rng(seed)
         own = rng.permutation(np.asarray(own))
         n_val = round(len(own) * val_fraction) if len(own) > 2 else 0
         val, train = own[:n_val], own[n_val:]
+        extra = copies.of(train) if copies is not None else None
         x_test, y_test, lengths_test = test
-        common = {"y_train": y[train], "y_val": y[val], "x_test": x_test, "y_test": y_test,
+        y_train = y[train] if extra is None else np.concatenate([y[train], y[extra.source]])
+        common = {"y_train": y_train, "y_val": y[val], "x_test": x_test, "y_test": y_test,
                   "lengths_test": lengths_test, "classes": list(classes), "mode": mode}
         if mode == "speaker":
             if speakers is None:
                 raise ValueError("the speaker normaliser needs each row's speaker")
-            # Statistics over all of a speaker's own audio (training and validation utterances alike).
+            # Statistics over all of a speaker's own audio (training and validation utterances alike); a
+            # perturbed copy is a speaker of its own (p2pser.features.augment).
             scaled = standardize_by_speaker(x[own], lengths[own], np.asarray(speakers)[own])
-            return cls(x_train=scaled[n_val:], x_val=scaled[:n_val], normalizer=Normalizer.identity(x.shape[1]),
-                       **common)
-        normalizer = Normalizer.fit(x[train], lengths[train])
-        raw = (x[train], lengths[train], x[val], lengths[val]) if mode == "global" else None
-        return cls(x_train=normalizer.apply(x[train], lengths[train]),
+            x_train = scaled[n_val:]
+            if extra is not None:
+                x_train = np.concatenate([x_train, standardize_by_speaker(extra.x, extra.lengths, extra.speakers)])
+            return cls(x_train=x_train, x_val=scaled[:n_val], normalizer=Normalizer.identity(x.shape[1]), **common)
+        x_train, lengths_train = x[train], lengths[train]
+        if extra is not None:
+            x_train, lengths_train = np.concatenate([x_train, extra.x]), np.concatenate([lengths_train, extra.lengths])
+        normalizer = Normalizer.fit(x_train, lengths_train)
+        raw = (x_train, lengths_train, x[val], lengths[val]) if mode == "global" else None
+        return cls(x_train=normalizer.apply(x_train, lengths_train),
                    x_val=normalizer.apply(x[val], lengths[val]), normalizer=normalizer, raw=raw, **common)
 
     def test_inputs(self) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from p2pser.audio.corpora import Corpus, load_corpus
 from p2pser.config import RunConfig
 from p2pser.errors import UserError
+from p2pser.features.augment import Copies, extract_copies, perturbations
 from p2pser.features.extract import extract_features
 from p2pser.features.normalize import standardize_by_speaker
 from p2pser.features.spec import FeatureSet, FeatureSpec, encode_labels
@@ -224,6 +225,16 @@ def extract_for(
     """``Experiment.extract`` with the run's feature settings."""
     return plan.experiment.extract(indices, feature_spec(cfg), cache_dir=cfg.cache_dir, workers=workers,
                                    progress=progress)
+
+
+def copies_for(features: FeatureSet, row_of: dict[int, int], indices: np.ndarray, cfg: RunConfig, *,
+               workers: int | None = None, progress: bool = False) -> Copies | None:
+    """The run's perturbed copies (``--augment``) of the given training utterances, or None without any."""
+    tokens = perturbations(cfg.augment, cfg.augment_copies)
+    if not tokens:
+        return None
+    return extract_copies(features, rows(row_of, indices), tokens, cache_dir=cfg.cache_dir, workers=workers,
+                          progress=progress)
 
 
 def rows(mapping: dict[int, int], indices: np.ndarray) -> np.ndarray:

@@ -57,6 +57,10 @@ C_GRID = (0.01, 0.1, 1.0, 10.0)
 SVM_C_GRID = (1.0, 10.0)
 PCA_COMPONENTS = 32
 WHOLE_MAX = 20_000
+# The subspace attack: how many leading input-space directions of an update it compares (measured on RAVDESS
+# with EmoDB shadows, mlp on ComParE: shadow CV UAR 0.60 with 2, 0.75 with 4 or 8), and its neighbours.
+SUBSPACE_DIMS = (2, 4, 8)
+NEIGHBOURS = (1, 3, 5, 9)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Traces:
 
     per_input: np.ndarray  # [rows, 2 * inputs] float32: per input, mean and RMS of its update over the outputs
     whole: np.ndarray | None  # [rows, outputs * inputs] float32: the whole update, when small (WHOLE_MAX)
+    subspace: np.ndarray  # [rows, inputs, max(SUBSPACE_DIMS)] float32: its leading right singular vectors
     outputs: int  # the layer's outputs (rows of its weight)
     peer: np.ndarray  # [rows] peer id (shadow: 1000 x fold + peer)
     round: np.ndarray  # [rows]
@@ -95,7 +100,8 @@ class Traces:
     @staticmethod
     def join(parts: list[Traces]) -> Traces:
         whole = None if any(p.whole is None for p in parts) else np.concatenate([p.whole for p in parts])
-        return Traces(np.concatenate([p.per_input for p in parts]), whole, parts[0].outputs,
+        return Traces(np.concatenate([p.per_input for p in parts]), whole,
+                      np.concatenate([p.subspace for p in parts]), parts[0].outputs,
                       np.concatenate([p.peer for p in parts]), np.concatenate([p.round for p in parts]),
                       np.concatenate([p.speaker for p in parts]), [a for p in parts for a in p.attributes])
 
@@ -109,14 +115,30 @@ def layer_matrix(update: np.ndarray) -> np.ndarray:
     return u.reshape(u.shape[0], -1)
 
 
-def describe_update(update: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """What the attack keeps of one update: per input, the mean and the RMS of its column over the outputs
-    (an input the peer's speech drives harder moves its whole column more, whatever the hidden units do
-    with it), and the whole matrix when it has at most ``WHOLE_MAX`` entries (the ``svm``; the ``mlp``'s
-    6373 x 256 is far too large for a few hundred training rows)."""
+def describe_update(update: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """What the attack keeps of one update ``U`` (outputs x inputs): per input, the mean and the RMS of its
+    column over the outputs; the whole matrix when it has at most ``WHOLE_MAX`` entries (the ``svm``; the
+    ``mlp``'s 256 x 6373 is far too large for a few hundred training rows); and its leading right singular
+    vectors, the input-space directions it moves along.
+
+    Why the last: a first layer's gradient is a sum over utterances of (backpropagated error) x (input), so
+    ``U`` is about ``D M``, with ``M`` the speaker's per-emotion mean inputs and ``D`` the hidden units' mixing,
+    which changes with every run and round. ``U``'s row space is ``M``'s whatever ``D`` is; and per-emotion
+    means of even speaker-standardised ComParE features still tell a speaker's sex (BENCHMARKS.md, issue 15:
+    the ``inputs`` arm)."""
     u = layer_matrix(update)
     per_input = np.concatenate([u.mean(axis=0), np.sqrt((u ** 2).mean(axis=0))])
-    return per_input, (u.ravel() if u.size <= WHOLE_MAX else None)
+    k = max(SUBSPACE_DIMS)
+    # Right singular vectors from the small Gram matrix (outputs x outputs): 256 x 256 instead of an SVD of
+    # 256 x 6373. Missing directions (a layer with fewer outputs, a zero update) stay zero.
+    u64 = u.astype(np.float64)
+    values, vectors = np.linalg.eigh(u64 @ u64.T)
+    order = np.argsort(values)[::-1][:k]
+    sigma = np.sqrt(np.clip(values[order], 0.0, None))
+    basis = np.zeros((u.shape[1], k), dtype=np.float32)
+    good = sigma > 1e-12 * max(sigma.max(initial=0.0), 1e-300)
+    basis[:, : good.sum()] = ((u64.T @ vectors[:, order[good]]) / sigma[good]).astype(np.float32)
+    return per_input, (u.ravel() if u.size <= WHOLE_MAX else None), basis
 
 
 def read_traces(run_dir: Path, *, what: str) -> tuple[Traces, dict[str, Any]]:
@@ -130,7 +152,7 @@ def read_traces(run_dir: Path, *, what: str) -> tuple[Traces, dict[str, Any]]:
     if not recorded:
         raise UserError(f"{what} {run_dir} recorded no updates, so there is nothing to attack: run it with "
                         "--record-updates first-layer")
-    rows: dict[str, list] = {"per_input": [], "whole": [], "peer": [], "round": [], "speaker": [],
+    rows: dict[str, list] = {"per_input": [], "whole": [], "subspace": [], "peer": [], "round": [], "speaker": [],
                              "attributes": [], "shape": []}
     meta: dict[str, Any] = {}
     for folder in recorded:
@@ -143,9 +165,10 @@ def read_traces(run_dir: Path, *, what: str) -> tuple[Traces, dict[str, Any]]:
         meta = meta or info
         speaker = ",".join(info["speakers"])
         for r, u in zip(rounds, updates, strict=True):
-            per_input, whole = describe_update(u)
+            per_input, whole, basis = describe_update(u)
             rows["per_input"].append(per_input)
             rows["whole"].append(whole)
+            rows["subspace"].append(basis)
             rows["shape"].append(layer_matrix(u[:1]).shape[1:] + (u.shape[0],))
             rows["peer"].append(int(info["peer"]))
             rows["round"].append(int(r))
@@ -157,7 +180,8 @@ def read_traces(run_dir: Path, *, what: str) -> tuple[Traces, dict[str, Any]]:
     if len(set(rows["shape"])) > 1:
         raise UserError(f"{what} {run_dir}: its peers recorded layers of different shapes: not one run")
     whole = None if rows["whole"][0] is None else np.stack(rows["whole"])
-    traces = Traces(np.stack(rows["per_input"]), whole, rows["shape"][0][-1], np.asarray(rows["peer"]),
+    traces = Traces(np.stack(rows["per_input"]), whole, np.stack(rows["subspace"]), rows["shape"][0][-1],
+                    np.asarray(rows["peer"]),
                     np.asarray(rows["round"]), np.asarray(rows["speaker"]), rows["attributes"])
     return traces, meta
 
@@ -232,6 +256,8 @@ def view(traces: Traces, rows: np.ndarray, name: str, centre: bool) -> np.ndarra
     rows of the same run and round, i.e. what every peer's update shares that round (the task's common
     gradient), leaving what makes this peer differ (a hub or a well-connected neighbour sees many peers'
     updates of a round; the shadow attacker its own shadow peers')."""
+    if name.startswith("subspace-"):
+        return traces.subspace[rows, :, : int(name.split("-")[1])]
     x = (traces.whole if name == "whole" else traces.per_input)[rows].astype(np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = x / np.where(norms > 0, norms, 1.0)
@@ -270,9 +296,45 @@ def candidates(shadow: Traces, target: Traces) -> list[tuple[str, bool, str, flo
             for kind, grid in (("logistic", C_GRID), ("pca-svm", SVM_C_GRID)) for c in grid]
 
 
+def subspace_similarity(a: np.ndarray, b: np.ndarray, dims: tuple[int, ...] | None = None):
+    """``[len(a), len(b)]``: ``||A_i^T B_j||_F^2`` for orthonormal input-space bases ``[rows, inputs, K]``, the
+    sum of squared cosines of the principal angles between two updates' subspaces (K when they agree, 0 when
+    orthogonal). One matrix product: the rows' K directions against the other side's. With ``dims``, a dict
+    of it for the leading ``d`` directions of each ``d``, from the same product."""
+    n, inputs, k = a.shape
+    m = b.shape[0]
+    g = (a.transpose(0, 2, 1).reshape(n * k, inputs) @ b.transpose(0, 2, 1).reshape(m * k, inputs).T) ** 2
+    g = g.reshape(n, k, m, k)
+    if dims is None:
+        return g.sum(axis=(1, 3))
+    return {d: g[:, :d, :, :d].sum(axis=(1, 3)) for d in dims}
+
+
+class SubspaceNeighbours:
+    """The attribute of the ``neighbours`` shadow updates whose input-space subspaces are closest
+    (``subspace_similarity``): no weights to fit, so the few shadow speakers of a small corpus are enough."""
+
+    def __init__(self, neighbours: int) -> None:
+        self.neighbours = neighbours
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> SubspaceNeighbours:
+        self.x, self.y = x, y
+        return self
+
+    def decision_function(self, x: np.ndarray, similarity: np.ndarray | None = None) -> np.ndarray:
+        sim = subspace_similarity(x, self.x) if similarity is None else similarity
+        nearest = np.argsort(-sim, axis=1, kind="stable")[:, : self.neighbours]
+        return self.y[nearest].mean(axis=1) - 0.5
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (self.decision_function(x) > 0).astype(np.int64)
+
+
 def fit_attack(shadow: Traces, rows: np.ndarray, y: np.ndarray, target: Traces, seed: int):
     """The candidate with the best cross-validated UAR on the shadow updates, folds grouped by shadow speaker
-    (so it is judged on voices it did not see), refitted on all of them; the target is never looked at."""
+    (so it is judged on voices it did not see), refitted on all of them; the target is never looked at.
+    Candidates: ``candidates`` (linear and non-linear classifiers on update statistics) and
+    ``SubspaceNeighbours`` for each subspace size and number of neighbours."""
     from sklearn.model_selection import GroupKFold
 
     groups = shadow.speaker[rows]
@@ -280,26 +342,38 @@ def fit_attack(shadow: Traces, rows: np.ndarray, y: np.ndarray, target: Traces, 
     tried: list[dict[str, Any]] = []
     options = candidates(shadow, target)
     best, best_score = options[0], -1.0
+
+    def note(option, score: float) -> None:
+        nonlocal best, best_score
+        v, centre, kind, c = option
+        tried.append({"view": v, "centre": centre, "classifier": kind, "C": c, "cv_uar": round(score, 4)})
+        log.info("audit: %s%s %s C=%g cross-validated UAR %.3f", v, " centred" if centre else "", kind, c, score)
+        if score > best_score:
+            best, best_score = option, score
+
     if n_groups >= 3:
-        cv = list(GroupKFold(n_splits=min(5, n_groups)).split(rows, y, groups))
+        cv = [(train, test) for train, test in GroupKFold(n_splits=min(5, n_groups)).split(rows, y, groups)
+              if len(np.unique(y[train])) == 2 and len(np.unique(y[test])) == 2]
         for option in options:
             v, centre, kind, c = option
             x = view(shadow, rows, v, centre)
-            scores = []
-            for train, test in cv:
-                if len(np.unique(y[train])) < 2 or len(np.unique(y[test])) < 2:
-                    continue
-                model = classifier(kind, c, seed, len(train)).fit(x[train], y[train])
-                scores.append(uar(y[test], model.predict(x[test])))
-            score = float(np.mean(scores)) if scores else -1.0
-            tried.append({"view": v, "centre": centre, "classifier": kind, "C": c, "cv_uar": round(score, 4)})
-            log.info("audit: %s%s %s C=%g cross-validated UAR %.3f", v, " centred" if centre else "", kind, c,
-                     score)
-            if score > best_score:
-                best, best_score = option, score
+            scores = [uar(y[test], classifier(kind, c, seed, len(train)).fit(x[train], y[train]).predict(x[test]))
+                      for train, test in cv]
+            note(option, float(np.mean(scores)) if scores else -1.0)
+        similarity = subspace_similarity(shadow.subspace[rows], shadow.subspace[rows], SUBSPACE_DIMS)
+        for dims, sim in similarity.items():
+            for k in NEIGHBOURS:
+                scores = []
+                for train, test in cv:
+                    knn = SubspaceNeighbours(k).fit(None, y[train])
+                    pred = knn.decision_function(None, similarity=sim[np.ix_(test, train)]) > 0
+                    scores.append(uar(y[test], pred.astype(np.int64)))
+                note((f"subspace-{dims}", False, "subspace-neighbours", float(k)),
+                     float(np.mean(scores)) if scores else -1.0)
     v, centre, kind, c = best
-    model = classifier(kind, c, seed, len(rows)).fit(view(shadow, rows, v, centre), y)
-    return model, best, best_score, tried
+    x = view(shadow, rows, v, centre)
+    model = SubspaceNeighbours(int(c)) if kind == "subspace-neighbours" else classifier(kind, c, seed, len(rows))
+    return model.fit(x, y), best, best_score, tried
 
 
 def bootstrap_uar(y: np.ndarray, pred: np.ndarray, peers: np.ndarray, *, samples: int, seed: int) -> tuple[float, float]:

@@ -98,12 +98,13 @@ def model_flags(args: argparse.Namespace) -> list[str]:
 
 
 def input_leakage(args: argparse.Namespace) -> dict:
-    """How much of a speaker's sex a single utterance's model input still carries under each normaliser: an
-    L2 logistic regression from the (default) features of one RAVDESS utterance to its speaker's sex, 6-fold
-    cross-validation grouped by speaker. What an update is computed from bounds what it can give away:
-    where the inputs hide sex, no attack on updates should find much."""
+    """How much of a speaker's sex the model's inputs still carry under each normaliser, from RAVDESS's
+    (default) features with an L2 logistic regression: from one utterance (6-fold cross-validation grouped by
+    speaker), and from a speaker's per-emotion means of speaker-standardised features (leave one speaker
+    out), which is what a first-layer update is made of (``p2pser.experiments.audit.describe_update``).
+    What an update is computed from bounds what it can give away."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -112,19 +113,30 @@ def input_leakage(args: argparse.Namespace) -> dict:
     from p2pser.features.normalize import standardize_by_speaker
     from p2pser.partition.experiment import feature_spec
 
+    def model():
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced"))
+
+    def uar(y, pred):
+        return float(np.mean([np.mean(pred[y == c] == c) for c in (0, 1)]))
+
     cfg = RunConfig(**({} if args.model is None else {"model": args.model}))
     pooled = prepare_pooled(RAVDESS, feature_spec(cfg), cache_dir=CACHE, progress=False)
-    f = pooled.features
-    sex = np.array([pooled.experiment.corpus.utterances[i].sex == "F" for i in sorted(pooled.row_of)], dtype=int)
-    rows = np.array([pooled.row_of[i] for i in sorted(pooled.row_of)])
+    f, order = pooled.features, sorted(pooled.row_of)
+    rows = np.array([pooled.row_of[i] for i in order])
+    sex = np.array([pooled.experiment.corpus.utterances[i].sex == "F" for i in order], dtype=int)
+    emotion = pooled.experiment.labels[order]
     x, speakers = f.x[rows], f.speakers[rows]
-    flat = {"global": x.reshape(len(x), -1),
-            "speaker": standardize_by_speaker(x, f.lengths[rows], speakers).reshape(len(x), -1)}
+    own = standardize_by_speaker(x, f.lengths[rows], speakers).reshape(len(x), -1)
     out = {"features": cfg.features, "utterances": len(x), "speakers": len(np.unique(speakers))}
-    for name, v in flat.items():
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000, class_weight="balanced"))
-        pred = cross_val_predict(model, v, sex, groups=speakers, cv=GroupKFold(n_splits=6))
-        out[f"sex_uar_{name}_normalizer"] = float(np.mean([np.mean(pred[sex == c] == c) for c in (0, 1)]))
+    for name, v in (("global", x.reshape(len(x), -1)), ("speaker", own)):
+        pred = cross_val_predict(model(), v, sex, groups=speakers, cv=GroupKFold(n_splits=6))
+        out[f"sex_uar_utterance_{name}_normalizer"] = uar(sex, pred)
+    ids = np.unique(speakers)
+    means = np.stack([np.concatenate([own[(speakers == s) & (emotion == e)].mean(axis=0) for e in np.unique(emotion)])
+                      for s in ids])
+    truth = np.array([sex[speakers == s][0] for s in ids])
+    pred = cross_val_predict(model(), means, truth, groups=ids, cv=LeaveOneGroupOut())
+    out["sex_uar_speaker_emotion_means_speaker_normalizer"] = uar(truth, pred)
     return out
 
 

@@ -168,7 +168,10 @@ def age_arm(work: Path, args: argparse.Namespace, previous: dict | None) -> dict
     """The age audit on BAVED: the target half, fold 1, one peer per training speaker on an exponential graph;
     shadow peers on the other half (one fold); arousal regression, the corpus's only task."""
     target, shadow = baved_halves(work)
-    flags = [str(target), "--fold", "1", "--task", "dimensional", "--topology", "exponential", *model_flags(args)]
+    # --workers 1: what a recording run uses anyway; the automatic choice sizes a model by its classes, of
+    # which a dimensional task has none.
+    flags = [str(target), "--fold", "1", "--task", "dimensional", "--topology", "exponential", "--workers", "1",
+             *model_flags(args)]
     return audited(work, "baved-age", flags, ["--shadow", str(shadow), "--attribute", "age", "--shadow-folds", "1"],
                    args.keep_updates, previous)
 

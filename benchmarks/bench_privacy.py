@@ -47,8 +47,8 @@ ARMS = {
     **{f"{mode}-{eps}": ["--dp", mode, "--dp-epsilon", str(eps)] for mode in ("speaker", "utterance")
        for eps in (10, 4, 1)},
 }
-SUMMARY_FIELDS = ("ua_mean", "ua_min", "ua_average_model", "ccc_arousal_mean", "dp_mode", "dp_epsilon", "dp_delta", "rounds",
-                  "peers")
+SUMMARY_FIELDS = ("ua_mean", "ua_min", "ua_average_model", "ccc_mean", "ccc_average_model", "dp_mode", "dp_epsilon",
+                  "dp_delta", "rounds", "peers")
 AUDIT_FIELDS = ("attribute", "attack_uar", "ci_low", "ci_high", "chance", "attack_uar_vote", "attack_uar_pooled",
                 "peers_attacked", "predictions", "shadow_corpus", "shadow_peers", "shadow_speakers", "shadow_cv_uar",
                 "attack_model", "features", "attack_c", "positive_class", "shadow_positive_class",
@@ -204,7 +204,7 @@ def main() -> None:
             previous = results.get(name) if args.reaudit else None
             results[name] = age_arm(work, args, previous) if name == "baved-age" else arm(work, name, args, previous)
             entry = results[name]
-            print(f"{name}: UA {entry['ua_mean']}, CCC {entry['ccc_arousal_mean']}, epsilon {entry['dp_epsilon']}, "
+            print(f"{name}: UA {entry['ua_mean']}, CCC {entry['ccc_mean']}, epsilon {entry['dp_epsilon']}, "
                   f"attack UAR {entry['attack_uar']} [{entry['ci_low']}, {entry['ci_high']}]", flush=True)
         else:
             raise SystemExit(f"unknown arm {name!r}; known: {', '.join(ARMS)}, baved-age, inputs")

@@ -395,10 +395,16 @@ def attack(target: Traces, shadow: Traces, attribute: str, *, bootstrap: int, se
     """The attack on one attribute, or None when either side lacks two labelled classes."""
     threshold = threshold_s = None
     if attribute == "age":
-        # Older or younger than the median speaker of each corpus (its own median: corpora differ in age).
+        # Older than the target's median speaker, for the shadow too: with ages in whole years and many alike
+        # (BAVED: most speakers 19-23), two medians 20.5 and 21 would call a 21-year-old older on one side and
+        # younger on the other. Only where the shadow has no speaker on one side of it (corpora of other
+        # ages) does the shadow use its own median.
         threshold, threshold_s = target.median_age(), shadow.median_age()
         if threshold is None or threshold_s is None:
             return None
+        common = shadow.labels(attribute, threshold)
+        if len(np.unique(common[common >= 0])) == 2:
+            threshold_s = threshold
     ys, yt = shadow.labels(attribute, threshold_s), target.labels(attribute, threshold)
     ks, kt = np.flatnonzero(ys >= 0), np.flatnonzero(yt >= 0)
     if len(np.unique(ys[ks])) < 2 or len(np.unique(yt[kt])) < 2:

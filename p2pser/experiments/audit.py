@@ -23,7 +23,7 @@ recognition in federated learning settings", 2021-22), on the updates a run reco
    independent). ``attack_uar_vote`` is the UAR of one majority vote per peer, ``attack_uar_pooled`` of one
    decision per peer from its rounds' scores averaged (an attacker who pools every round it saw).
 
-One attribute per audit (``--attribute``): sex, or age (older than the median speaker of each side) where
+One attribute per audit (``--attribute``): sex, or age (older than the run's median speaker) where
 both the run's and the shadow corpus label it (BAVED: shadow on a disjoint part of its speakers).
 """
 

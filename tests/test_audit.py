@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from p2pser.audio.synth import synthesize_corpus
@@ -87,3 +88,36 @@ def test_default_shadow_is_another_corpus_beside_the_run(corpora, cheap, tmp_pat
         default_shadow(meta, cheap)
     monkeypatch.setenv("P2PSER_SHARED_DATA", str(shadow.parent))
     assert default_shadow(meta, cheap) == shadow
+
+
+def _traces(rng, bases, ages, rounds=3, outputs=6):
+    """Updates of one peer per age whose rows move along one of two input-space subspaces, older (> 21) or not,
+    mixed by a different random matrix every time (the hidden units of another round or run)."""
+    from p2pser.experiments.audit import Traces, describe_update
+
+    inputs = bases[0].shape[0]
+    parts = {"per_input": [], "whole": [], "subspace": [], "peer": [], "round": [], "speaker": [], "attributes": []}
+    for peer, age in enumerate(ages):
+        for r in range(rounds):
+            update = rng.normal(size=(outputs, 3)) @ bases[int(age > 21)].T + 0.05 * rng.normal(size=(outputs, inputs))
+            per_input, whole, subspace = describe_update(update)
+            for key, value in (("per_input", per_input), ("whole", whole), ("subspace", subspace), ("peer", peer),
+                               ("round", r), ("speaker", f"s{peer}"), ("attributes", {"age": age, "sex": None})):
+                parts[key].append(value)
+    return Traces(np.stack(parts["per_input"]), np.stack(parts["whole"]), np.stack(parts["subspace"]), outputs,
+                  np.array(parts["peer"]), np.array(parts["round"]), np.array(parts["speaker"]), parts["attributes"])
+
+
+def test_subspace_attack_reads_age_through_any_mixing_with_the_run_median_for_both_sides():
+    from p2pser.experiments.audit import attack
+
+    rng = np.random.default_rng(0)
+    bases = [np.linalg.qr(rng.normal(size=(40, 3)))[0] for _ in range(2)]  # how older and younger voices differ
+    # Target median 21 (ages 18..24); the shadow's own median would be 20.5 and call its 21-year-olds older.
+    target = _traces(rng, bases, [18, 19, 20, 21, 21, 22, 23, 24, 24])
+    shadow = _traces(rng, bases, [18, 19, 20, 20, 20, 21, 22, 23, 24, 25])
+    result = attack(target, shadow, "age", bootstrap=50, seed=0)
+    assert result["positive_class"] == result["shadow_positive_class"] == "older than 21"
+    assert result["attack_uar"] >= 0.9 and result["ci_low"] > 0.5
+    subspace = [c["cv_uar"] for c in result["candidates"] if c["classifier"] == "subspace-neighbours"]
+    assert max(subspace) == 1.0

@@ -12,9 +12,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "audit", help="attribute-inference attack (speaker sex, age) on the updates a run's peers sent"
     )
     p.add_argument("run", metavar="RUN", help="a finished run folder made with --record-updates first-layer")
-    p.add_argument("--shadow", required=True, metavar="DIR",
-                   help="the attacker's corpus, disjoint from the run's, with speakers' sex (e.g. EmoDB for a "
-                        "RAVDESS run): shadow peers are trained on it with the run's settings")
+    p.add_argument("--shadow", default=None, metavar="DIR",
+                   help="the attacker's corpus, disjoint from the run's, labelling the attribute: shadow peers are "
+                        "trained on it with the run's settings (default: the first other corpus beside the run's, "
+                        "or under $P2PSER_SHARED_DATA, that fits, e.g. EmoDB for a RAVDESS run)")
+    p.add_argument("--attribute", default="sex", choices=("sex", "age"),
+                   help="what to infer: speaker sex, or age (older than the median speaker) [sex]")
     p.add_argument("--shadow-folds", type=int, default=None,
                    help="shadow runs, one per fold of the shadow corpus (default: all its folds)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples of the 95%% interval [1000]")
@@ -26,7 +29,8 @@ def _run(args: argparse.Namespace) -> int:
     from p2pser.experiments.audit import AUDIT, AUDIT_PLOT, audit_run, format_audit
 
     pin_threads(1)
-    audit = audit_run(args.run, args.shadow, folds=args.shadow_folds, bootstrap=args.bootstrap, seed=args.seed)
+    audit = audit_run(args.run, args.shadow, attribute=args.attribute, folds=args.shadow_folds,
+                      bootstrap=args.bootstrap, seed=args.seed)
     print(format_audit(audit))
     print(f"results: {args.run}/{AUDIT}, plot: {args.run}/{AUDIT_PLOT}")
     return 0

@@ -5,8 +5,8 @@ which the peer trained, it keeps the *update* of the model's first weight tensor
 minus the first layer the peer started the round from (its state after the last mix). That is the worst
 case of a curious neighbour: it sees the update exactly on a complete graph or as a fedavg hub, and up to
 the other neighbours' share of the mix elsewhere. The first layer is where attribute-inference attacks on
-federated SER find the most (Feng et al. 2022), and it keeps the record small (cnn1d-shallow on mfcc: 154 kB
-a round).
+federated SER find the most (Feng et al. 2022), and it keeps the record smaller than the model (cnn1d-shallow
+on mfcc: 154 kB a round; the default mlp on ComParE: 6.5 MB, its 256 x 6373 first layer, of 6.7 MB).
 
 At exit the peer writes ``updates.npz`` (``rounds`` [R], ``updates`` [R, *layer shape], float32; no
 pickle) and ``updates.json`` (the layer, the peer's speakers and their attributes, the run's settings and

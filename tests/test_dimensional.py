@@ -182,3 +182,17 @@ def test_a_dimension_too_sparse_to_score_leaves_no_field():
     task = Regression(dimensions=("arousal", "valence"))
     report = task.score(np.array([[0.5, np.nan]]), np.array([[0.1, 0.2]]))  # one utterance: no CCC at all
     assert np.isnan(report["ccc"]) and task.test_row(report) == {}
+
+
+@pytest.mark.parametrize("model", ["svm", "mlp"])  # batched in one process, and the automatic worker choice
+def test_simulate_chooses_its_learner_processes_for_a_task_without_classes(small_baved, tmp_path, model):
+    """`simulate`'s default --workers and --batch-peers build a model to size the run: with the task's outputs
+    (one per dimension here), not with the number of classes, which a dimensional-only corpus does not have."""
+    from p2pser.cli import main
+
+    out = tmp_path / "sim"
+    assert main(["simulate", str(small_baved), "--test-speakers", TEST_SPEAKER, "--task", "dimensional",
+                 "--features", "mfcc", "--model", model, "--max-seconds", "2", "--rounds", "1", "--final-mixing", "0",
+                 "--local-steps", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "dimensional" and summary["ccc_mean"] is not None

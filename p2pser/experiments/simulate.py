@@ -44,7 +44,7 @@ SMALL_MODEL = 20_000
 LIGHT_FLOPS = 1_000_000
 
 
-def _light(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> bool:
+def _light(cfg: RunConfig, input_shape: tuple[int, ...], n_outputs: int) -> bool:
     """Whether ``cfg.model`` steps on features computed once (a parameter-free front and a recipe without
     augmentation: ``LocalTrainer._fixed_features``) through a head under ``LIGHT_FLOPS`` per utterance."""
     import torch
@@ -58,7 +58,7 @@ def _light(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> bool
     recipe = train_config(cfg)
     if recipe.time_shift > 0 or recipe.specaugment or recipe.mixup_alpha > 0:
         return False
-    model = build_model(cfg.model, input_shape[1], input_shape[2], n_classes)
+    model = build_model(cfg.model, input_shape[1], input_shape[2], n_outputs)
     if not (hasattr(model, "fixed_features") and hasattr(model, "from_features")):
         return False
     h = model.fixed_features(torch.zeros(1, input_shape[1], input_shape[2]))
@@ -67,14 +67,14 @@ def _light(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int) -> bool
     return counter.get_total_flops() < LIGHT_FLOPS
 
 
-def _auto_workers(cfg: RunConfig, input_shape: tuple[int, ...], n_classes: int, light: bool) -> int:
+def _auto_workers(cfg: RunConfig, input_shape: tuple[int, ...], n_outputs: int, light: bool) -> int:
     """``--workers 0``: one learner process per core, or none for models too small to gain from it (or light
     enough to be stepped together in one process)."""
     from p2pser.learn.models import build_model, count_parameters
 
     if cfg.model in ENSEMBLE_MODELS:  # boosting runs in xgboost's own threads, not in torch learners
         return 1
-    small = count_parameters(build_model(cfg.model, input_shape[1], input_shape[2], n_classes)) < SMALL_MODEL
+    small = count_parameters(build_model(cfg.model, input_shape[1], input_shape[2], n_outputs)) < SMALL_MODEL
     return 1 if small or light else default_workers()
 
 
@@ -114,15 +114,18 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
     if batch_peers not in ("auto", "on", "off"):
         raise UserError(f"--batch-peers must be auto, on or off, got {batch_peers!r}")
-    light = batch_peers == "auto" and _light(cfg, test[0].shape, len(plan.classes))
+    task = experiment_task(plan.experiment)
+    # The model's outputs are the task's (class scores and/or one per dimension), not the number of classes:
+    # a regression task has no classes at all.
+    n_outputs = task.n_outputs(len(plan.classes))
+    light = batch_peers == "auto" and _light(cfg, test[0].shape, n_outputs)
     if batch_peers == "on" and not workers:
         workers = 1  # the batch lives in this process
-    workers = min(workers or _auto_workers(cfg, test[0].shape, len(plan.classes), light), topology.n)
+    workers = min(workers or _auto_workers(cfg, test[0].shape, n_outputs, light), topology.n)
     if cfg.model in ENSEMBLE_MODELS or cfg.dp != "none" or cfg.record_updates != "off":
         # A bag of received ensembles lives with its peer's event loop (not a torch learner); DP accounting
         # and update records are checked in one process only.
         workers = 1
-    task = experiment_task(plan.experiment)
     pool = None
     if workers > 1:
         pool = WorkerPool(workers, topology.n,

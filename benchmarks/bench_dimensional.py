@@ -173,7 +173,7 @@ def baved_gossip(work: Path, results: dict, spec: str, numbers: list[int]) -> No
     }
 
 
-def synth(work: Path, results: dict, spec: str) -> None:
+def synth(work: Path, results: dict, spec: str, gossip_folds: str) -> None:
     key, options = model_options(spec)
     corpus = work / "synth"
     if not (corpus / "manifest.csv").exists():
@@ -182,16 +182,21 @@ def synth(work: Path, results: dict, spec: str) -> None:
     name = "" if key == "svm" else f"-{key.replace(':', '-')}"
     pooled = train(work, f"synth{name}-pooled", corpus, "--fold", "all", "--task", "dimensional", *options,
                    "--normalizer", "global")
+    numbers = range(1, len(pooled["per_fold"]) + 1) if gossip_folds == "all" else map(int, gossip_folds.split(","))
     folds = []
-    for k in range(1, len(pooled["per_fold"]) + 1):
+    for k in numbers:
         folds.append({"fold": k, **simulate(work, f"synth{name}-gossip-fold{k}", corpus, "--fold", str(k),
                                             "--task", "dimensional", *options, "--workers", "1",
                                             "--normalizer", "global")})
-    gossip = {key: round(float(np.mean([f[key] for f in folds])), 4)
-              for key in ("ccc_mean", *(f"ccc_{d}_mean" for d in DIMS), "ccc_average_model")}
+    gossip = {field: round(float(np.mean([f[field] for f in folds])), 4)
+              for field in ("ccc_mean", *(f"ccc_{d}_mean" for d in DIMS), "ccc_average_model")}
+    same = [pooled["per_fold"][f["fold"] - 1] for f in folds]
+    pooled_same = {field: round(float(np.mean([f[field] for f in same])), 4)
+                   for field in ("ccc", *(f"ccc_{d}" for d in DIMS))}
     results[f"synth{name}"] = {"corpus": "p2pser data synth --speakers 12 --per-emotion 10 --seed 0 (4 folds)",
                                "model": key, "features": options[-1], "normalizer": "global", "pooled": pooled,
-                               "gossip_folds": folds, "gossip_means": gossip, "provenance": provenance(sys.argv)}
+                               "gossip_folds": folds, "gossip_means": gossip,
+                               "pooled_means_gossip_folds": pooled_same, "provenance": provenance(sys.argv)}
 
 
 def ravdess_multitask(work: Path, results: dict, spec: str, folds: str) -> None:
@@ -234,6 +239,7 @@ def main() -> None:
     parser.add_argument("--multitask-model", default="svm", help="ravdess-multitask model")
     parser.add_argument("--multitask-folds", default="all", help="ravdess-multitask folds (comma list or all)")
     parser.add_argument("--synth-model", default="svm", help="synth model")
+    parser.add_argument("--synth-gossip-folds", default="all", help="synth: folds simulated (comma list or all)")
     parser.add_argument("--work", default="/tmp/p2pser-bench-dimensional", help="run folders and feature cache")
     args = parser.parse_args()
     work = Path(args.work)
@@ -248,7 +254,7 @@ def main() -> None:
         elif part == "baved-gossip":
             baved_gossip(work, results, args.gossip_model, [int(k) for k in args.gossip_folds.split(",")])
         elif part == "synth":
-            synth(work, results, args.synth_model)
+            synth(work, results, args.synth_model, args.synth_gossip_folds)
         elif part == "ravdess-multitask":
             ravdess_multitask(work, results, args.multitask_model, args.multitask_folds)
         else:

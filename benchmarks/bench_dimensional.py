@@ -199,7 +199,7 @@ def synth(work: Path, results: dict, spec: str, gossip_folds: str) -> None:
                                "pooled_means_gossip_folds": pooled_same, "provenance": provenance(sys.argv)}
 
 
-def ravdess_multitask(work: Path, results: dict, spec: str, folds: str) -> None:
+def ravdess_multitask(work: Path, results: dict, spec: str, folds: str, seed: int | None) -> None:
     # A manifest over the shared files (no audio copied) with the intensity field as an arousal proxy.
     from p2pser.audio.corpora import RAVDESS_RE, load_corpus
 
@@ -213,13 +213,17 @@ def ravdess_multitask(work: Path, results: dict, spec: str, folds: str) -> None:
             writer.writerow((u.path, u.speaker, u.emotion, u.sex, -1 if intensity == 1 else 1))
     key, model = model_options(spec)
     options = ["--fold", folds, "--folds", str(RAVDESS / "folds.json"), *model]
+    if seed is not None:  # another seed of both arms: the same folds, other initial weights and shuffles
+        options += ["--seed", str(seed)]
+        key += f"-seed{seed}"
     name = key.replace(":", "-")
     categorical = train(work, f"ravdess-{name}-categorical", folder, *options, "--task", "categorical")
     both = train(work, f"ravdess-{name}-both", folder, *options, "--task", "both")
     per_fold = [round(100 * (b["ua"] - c["ua"]), 2) for c, b in zip(categorical["per_fold"], both["per_fold"])]
     results[f"ravdess-multitask-{key}"] = {
-        "model": key, "features": model[-1], "folds": folds, "provenance": provenance(sys.argv),
-        "ua_difference_points_per_fold": per_fold, "arousal_proxy": "RAVDESS intensity field: normal -1, strong +1 (not a rated arousal)",
+        "model": model[1], "features": model[-1], "folds": folds, "seed": seed, "provenance": provenance(sys.argv),
+        "ua_difference_points_per_fold": per_fold,
+        "arousal_proxy": "RAVDESS intensity field: normal -1, strong +1 (not a rated arousal)",
         "categorical": categorical, "both": both,
         "ua_categorical": round(categorical["ua"], 4), "ua_both": round(both["ua"], 4),
         "ccc_arousal_proxy_both": round(both["ccc"], 4),
@@ -238,6 +242,7 @@ def main() -> None:
     parser.add_argument("--gossip-folds", default="1,2,3,4,5", help="baved-gossip folds")
     parser.add_argument("--multitask-model", default="svm", help="ravdess-multitask model")
     parser.add_argument("--multitask-folds", default="all", help="ravdess-multitask folds (comma list or all)")
+    parser.add_argument("--multitask-seed", type=int, help="ravdess-multitask: this seed instead of train's default")
     parser.add_argument("--synth-model", default="svm", help="synth model")
     parser.add_argument("--synth-gossip-folds", default="all", help="synth: folds simulated (comma list or all)")
     parser.add_argument("--work", default="/tmp/p2pser-bench-dimensional", help="run folders and feature cache")
@@ -256,7 +261,7 @@ def main() -> None:
         elif part == "synth":
             synth(work, results, args.synth_model, args.synth_gossip_folds)
         elif part == "ravdess-multitask":
-            ravdess_multitask(work, results, args.multitask_model, args.multitask_folds)
+            ravdess_multitask(work, results, args.multitask_model, args.multitask_folds, args.multitask_seed)
         else:
             raise SystemExit(f"unknown part {part!r}")
         if part == "baved-choice":  # the other parts record provenance in each entry they write

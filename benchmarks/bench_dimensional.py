@@ -15,10 +15,11 @@ Parts (``--parts``, comma list; each rewrites only its own entry):
   CCC against the pooled model's on the same folds. Target: within 0.03. A fold whose run folder already
   holds a summary is read, not rerun (about 10 minutes a fold on the loaded 2-core machine).
 - ``synth``: the built-in synthetic corpus (12 speakers, 4 folds), arousal and valence (and dominance), pooled
-  and by gossip, ``--synth-model``.
+  and by gossip (``--synth-gossip-folds`` for a subset), ``--synth-model``.
 - ``ravdess-multitask``: RAVDESS, categories alone (``--task categorical``) against categories plus arousal
   (``--task both``), its 6 folds, the same model and recipe. RAVDESS has no rated arousal: its intensity field
   (normal / strong) stands in as a proxy, -1 / +1. Target: UA not lower with the multi-task.
+  ``--multitask-seed`` runs both arms again with another seed (its own entry).
 
 A model is named with its features, ``model:features`` (``mlp:egemaps``); a bare name takes its features
 from ``FEATURES``, and every entry records them. Results are keyed by that name (``svm``, ``mlp``, or

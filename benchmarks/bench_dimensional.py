@@ -94,7 +94,10 @@ def baved_folds() -> list[list[str]]:
     return [f["test_speakers"] for f in json.loads((BAVED / "folds.json").read_text())["folds"]]
 
 
-def baved_choice(work: Path, results: dict) -> None:
+def baved_choice(work: Path, results: dict, spec: str) -> None:
+    """The choice for ``spec``; the other parts use the svm's (``baved-choice``), another model's is a check
+    written beside it (``baved-choice-MODEL``)."""
+    key, options = model_options(spec)
     folds = baved_folds()
     # Fold 1's training speakers only: a manifest without its test speakers, fold 2's speakers as validation.
     manifest = work / "baved-fold1-train" / "manifest.csv"
@@ -106,15 +109,17 @@ def baved_choice(work: Path, results: dict) -> None:
             if row["speaker"] not in folds[0]:
                 writer.writerow((BAVED / row["file"], row["speaker"], row["sex"], row["arousal"]))
     runs = {}
+    prefix = "choice-" if key == "svm" else f"choice-{key.replace(':', '-')}-"
     for normalizer in ("speaker", "global"):
         for loss in ("ccc", "mse"):
             runs[f"{normalizer}-{loss}"] = train(
-                work, f"choice-{normalizer}-{loss}", manifest.parent, "--test-speakers", ",".join(folds[1]),
-                "--task", "dimensional", "--model", "svm", "--normalizer", normalizer, "--regression-loss", loss,
+                work, f"{prefix}{normalizer}-{loss}", manifest.parent, "--test-speakers", ",".join(folds[1]),
+                "--task", "dimensional", *options, "--normalizer", normalizer, "--regression-loss", loss,
                 *BAVED_OPTIONS)
     best = max(runs, key=lambda k: runs[k]["ccc"])
     normalizer, loss = best.split("-")
-    results["baved-choice"] = {
+    results["baved-choice" if key == "svm" else f"baved-choice-{key}"] = {
+        "model": key, "features": options[-1], "provenance": provenance(sys.argv),
         "validation": "fold 1's training speakers; fold 2's test speakers held out as validation speakers",
         "validation_ccc": {k: round(v["ccc"], 4) for k, v in runs.items()}, "runs": runs,
         "chosen": {"normalizer": normalizer, "regression_loss": loss},
@@ -245,6 +250,7 @@ def main() -> None:
     parser.add_argument("--multitask-folds", default="all", help="ravdess-multitask folds (comma list or all)")
     parser.add_argument("--multitask-seed", type=int, help="ravdess-multitask: this seed instead of train's default")
     parser.add_argument("--synth-model", default="svm", help="synth model")
+    parser.add_argument("--choice-model", default="svm", help="baved-choice model (svm: the choice the parts use)")
     parser.add_argument("--synth-gossip-folds", default="all", help="synth: folds simulated (comma list or all)")
     parser.add_argument("--work", default="/tmp/p2pser-bench-dimensional", help="run folders and feature cache")
     args = parser.parse_args()
@@ -254,7 +260,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     for part in args.parts.split(","):
         if part == "baved-choice":
-            baved_choice(work, results)
+            baved_choice(work, results, args.choice_model)
         elif part == "baved-pooled":
             baved_pooled(work, results, args.models.split(","), args.epochs, args.pooled_folds)
         elif part == "baved-gossip":

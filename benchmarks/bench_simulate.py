@@ -53,7 +53,8 @@ def run_timed(args: list[str], log_path: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{text[-3000:]}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"command": "p2pser " + " ".join(args), "wall_s": round(wall, 1),
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    return {"command": "p2pser " + " ".join(args), "wall_s": round(wall, 1), "cpu_s": round(sum(cpu), 1),
             "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
             "load_avg_at_start": round(load, 2), "load_avg_at_end": round(os.getloadavg()[0], 2)}
 

@@ -64,9 +64,14 @@ PROFILES = {
     "fearful": (5.0,  0.14,  0.26, 1.0, -1.0,  0.02,  0.03,  0.12,  0.0,  0.05, -0.15, 0.0,  0.8),
     "disgust": (-2.5, -0.15, -0.29, -1.0, 1.5, 0.008, 0.05,  0.04,  0.3,  -0.04, 0.0,  0.3,  0.0),
 }  # fmt: skip
-# Valence (pleasure) and dominance of each emotion term on -1..1 (Russell & Mehrabian 1977, "Evidence for
-# a three-factor theory of emotions": happy .81/.46, angry -.51/.25, sad -.63/-.33, afraid -.64/-.43,
-# disgusted -.60/.11), scaled per take by its acting intensity.
+# Valence (pleasure) and dominance of each emotion term on -1..1: Russell & Mehrabian (1977), "Evidence for
+# a three-factor theory of emotions", J. Research in Personality 11:273-294, Table 4 (mean pleasure, arousal,
+# dominance of 151 emotion terms), rows Happy (31) .81/.51/.46, Disgusted (75) -.60/.35/.11, Angry (82)
+# -.51/.59/.25, Fearful (101) -.64/.60/-.43, Sad (151) -.63/-.27/-.33 (P/A/D). Checked against three
+# independent transcriptions of that table in public code (which agree with each other and with these
+# values), not against the printed paper, which we could not read. The arousal column is not used: a take's
+# arousal is read off its realised acoustics (``arousal_of``). Neutral is the origin. Scaled per take by
+# its acting intensity.
 VALENCE_DOMINANCE = {"neutral": (0.0, 0.0), "happy": (0.81, 0.46), "sad": (-0.63, -0.33), "angry": (-0.51, 0.25),
                      "fearful": (-0.64, -0.43), "disgust": (-0.60, 0.11)}  # fmt: skip
 # Arousal from the realised parameters: each cue in units of the angriest profile's deviation, weighted.

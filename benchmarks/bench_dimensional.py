@@ -67,7 +67,9 @@ def model_options(spec: str) -> tuple[str, list[str]]:
 
 def train(work: Path, name: str, corpus: Path, *options: str) -> dict:
     out = work / name
-    timed = run_timed(["train", str(corpus), *options, "--no-progress", "--workers", "1", "--cache-dir",
+    # --augment none: every figure here was measured without the speed copies that `p2pser train` makes by
+    # default since issue 14's second pass, and the peers it is compared with make none either.
+    timed = run_timed(["train", str(corpus), *options, "--augment", "none", "--no-progress", "--workers", "1", "--cache-dir",
                        str(work / "cache"), "--out", str(out)], work / f"{name}.log")
     summary = json.loads((out / "summary.json").read_text())
     means = {k: summary[k] for k in ("ua", "ccc", *(f"ccc_{d}" for d in DIMS)) if k in summary}

@@ -29,10 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def add_spec_arguments(p: argparse.ArgumentParser) -> None:
-    """The FeatureSpec flags, for every command that extracts features."""
-    p.add_argument("--kind", default=_DEFAULT.kind,
-                   help=f"{', '.join(KINDS)} or a '+' combination such as mfcc+chroma (default {_DEFAULT.kind})")
+def add_spec_arguments(p: argparse.ArgumentParser, kind: str = _DEFAULT.kind) -> None:
+    """The FeatureSpec flags, for every command that extracts features; ``kind`` is the command's default
+    feature kind (`train` learns on the run defaults' features, not on the spec's)."""
+    p.add_argument("--kind", default=kind,
+                   help=f"{', '.join(KINDS)} or a '+' combination such as mfcc+chroma (default {kind})")
     p.add_argument("--max-seconds", type=float, default=_DEFAULT.max_seconds,
                    help=f"fixed length: longer utterances are cropped, shorter padded (default {_DEFAULT.max_seconds})")
     p.add_argument("--min-seconds", type=float, default=_DEFAULT.min_seconds,

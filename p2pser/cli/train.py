@@ -40,9 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fold", default="all", help="fold number, comma list (1,3) or 'all' (default all)")
     p.add_argument("--test-speakers", default=None, help="comma list of test speakers: one fold instead of --folds")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name from the registry (default {DEFAULT_MODEL})")
-    add_spec_arguments(p)
+    add_spec_arguments(p, kind=DEFAULT_FEATURES)
     # --features is the name users and the simulator know the feature kind by; --kind stays as its alias.
-    p.set_defaults(kind=DEFAULT_FEATURES)
     p.add_argument("--features", dest="kind", default=argparse.SUPPRESS,
                    help=f"feature kind, same as --kind (default {DEFAULT_FEATURES})")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model's recipe)")

@@ -194,8 +194,15 @@ class TorchLearner(SharedStatistics):
                 t.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
 
     def mix(self, own: State, own_weight: float, others: Sequence[Any], rule: Any) -> None:
-        if others:
-            self.load(rule.mix(own, own_weight, others))
+        self.adopt_mix(rule.mix(own, own_weight, others) if others else None)
+
+    def adopt_mix(self, mixed: State | None) -> None:
+        """The rest of ``mix`` once the rule has combined the states: adopt ``mixed`` (None: nobody was
+        heard), then treat the optimiser's state as ``optimizer_state`` says. The simulator's learner workers
+        call this with a mix made in the main process, where the neighbours' models already are (sending
+        them all to the worker cost more than the mixing: ``p2pser.carriers.workers``)."""
+        if mixed is not None:
+            self.load(mixed)
         if self.optimizer_state == "reset":
             self.trainer.optimizer.state.clear()
         elif self.optimizer_state == "quasi-global" and self._round_start is not None:

@@ -96,8 +96,9 @@ class Learner(Protocol):
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded by this learner (model, features, data size)."""
 
-    def save(self, folder: str | Path) -> None:
-        """Write what the report needs of this learner into the peer's folder (atomically)."""
+    def save(self, folder: str | Path, *, durable: bool = True) -> None:
+        """Write what the report needs of this learner into the peer's folder (atomically; ``durable``: also
+        fsynced, which the simulator skips: 12 ms a file here, 12 s for 1,000 peers)."""
 
     def privacy(self) -> dict[str, Any]:
         """Metrics-row fields of differential privacy: ``dp_epsilon`` spent so far, and ``dp_exhausted``
@@ -252,11 +253,11 @@ class TorchLearner(SharedStatistics):
         return {"model": self.model_name, "features": self.features, "samples": self.samples,
                 "task": self.task.name}
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, *, durable: bool = True) -> None:
         """``model.npz`` (the shared parameters, no pickle) and ``normalizer.json`` (the statistics the
         model's inputs were standardised with): what the report needs to score the average model."""
         state = self.snapshot()
-        write_atomically(Path(folder) / MODEL, lambda fh: np.savez(fh, **state))
+        write_atomically(Path(folder) / MODEL, lambda fh: np.savez(fh, **state), durable=durable)
         write_json_atomic(Path(folder) / NORMALIZER, self.data.normalizer.to_dict())
 
 

@@ -42,9 +42,9 @@ def tune_allocator() -> None:
     A peer's round allocates and frees tensors of its whole parameter vector several times (gradients, the
     optimiser's temporaries, the float64 sums of mixing: 6.7-13 MB each for the 1.67 M-parameter ``mlp``).
     glibc serves blocks that large by ``mmap`` or trims them off the heap when freed, so every one came back
-    as fresh pages the kernel had to zero: a third of a training step's CPU time was page faults (measured,
-    BENCHMARKS.md "A faster simulator"). With both thresholds raised, the same pages are reused. Only where
-    memory lives changes, never a computed value. No-op off glibc."""
+    as fresh pages the kernel had to zero: a step took 20.2 ms of CPU, 12.4 ms with both thresholds raised
+    and the same pages reused (``benchmarks/results/step.json``). Only where memory lives changes, never a
+    computed value. No-op off glibc."""
     global _allocator_tuned
     if _allocator_tuned:
         return

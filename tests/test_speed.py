@@ -122,7 +122,13 @@ def _plain_average(own, own_weight, others):
 
 def test_blocked_mixing_and_distances_are_the_plain_expressions_bit_for_bit():
     from p2pser.exchange.mixing import (
-        _BLOCK, ClippedGossip, Contribution, WeightedAverage, _distance, consensus_distance)
+        _BLOCK,
+        ClippedGossip,
+        Contribution,
+        WeightedAverage,
+        _distance,
+        consensus_distance,
+    )
 
     rng = np.random.default_rng(4)
     # Sizes around and far beyond a block, odd ones, an empty tensor: numpy's pairwise summation order is

@@ -60,7 +60,7 @@ class WeightedAverage:
             # own * w + sum(other * w_j) in float64, the terms added in sender order: every element sees the
             # operations of ``value.astype(np.float64) * w + ...`` in the same order, so the result is the
             # same to the bit, but block by block in cache instead of one float64 temporary of the whole
-            # tensor per term (for 1.67 M parameters the memory traffic cost more than the arithmetic).
+            # tensor per term (17.2 ms -> 10.5 ms of CPU for 1.67 M parameters and 6 neighbours: step.json).
             out = np.empty_like(value)
             flat_out, flat_own = out.reshape(-1), value.reshape(-1)
             flat = [c.state[name].reshape(-1) for c in ordered]

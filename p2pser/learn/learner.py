@@ -200,8 +200,8 @@ class TorchLearner(SharedStatistics):
     def adopt_mix(self, mixed: State | None) -> None:
         """The rest of ``mix`` once the rule has combined the states: adopt ``mixed`` (None: nobody was
         heard), then treat the optimiser's state as ``optimizer_state`` says. The simulator's learner workers
-        call this with a mix made in the main process, where the neighbours' models already are (sending
-        them all to the worker cost more than the mixing: ``p2pser.carriers.workers``)."""
+        call this with a mix made in the main process, where the neighbours' models already are (instead of
+        sending them all to the worker: ``p2pser.carriers.workers``)."""
         if mixed is not None:
             self.load(mixed)
         if self.optimizer_state == "reset":

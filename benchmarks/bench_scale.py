@@ -9,7 +9,7 @@ short). Each case is one ``p2pser simulate`` process with its learners in
 that process (``--workers 1``), so its peak resident memory (``ru_maxrss``) is the whole run's (with
 ``--workers N`` it is the largest single process's, not their sum); seconds per
 round are the simulation loop's wall time (``loop_s`` of the summary) over the rounds run. Writes
-``benchmarks/results/scale.json``.
+``benchmarks/results/NAME.json`` (``--name``, default ``scale``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--rounds", default="30", help="rounds per case, one number or one per case (comma list)")
     parser.add_argument("--workers", default="1", help="learner processes, one number or one per case")
+    parser.add_argument("--name", default="scale", help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--corpus", help="an existing synthetic corpus folder (else one is generated)")
     parser.add_argument("--features", default="mfcc",
                         help="feature kind: mfcc (default) keeps the issue's models (svm 1,928 parameters, "
@@ -79,7 +80,7 @@ def main() -> None:
                 "ua_mean": summary.get("ua_mean"), "ua_average_model": summary.get("ua_average_model"),
             }
             print(name, json.dumps(results["cases"][name]), flush=True)
-            write_results("scale", provenance(sys.argv) | results)  # after each case: a long run keeps what it has
+            write_results(args.name, provenance(sys.argv) | results)  # after each case: a long run keeps what it has
 
 
 if __name__ == "__main__":

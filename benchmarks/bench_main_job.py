@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--name", default="main_job", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     base_rev = subprocess.run(["git", "rev-parse", args.base], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -64,7 +65,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
     med = {side: statistics.median(r["wall_s"] for r in rs) for side, rs in runs.items()}
-    write_results("main_job", provenance(sys.argv) | {
+    write_results(args.name, provenance(sys.argv) | {
         "base": base_rev, "args": ARGS, "runs": runs, "median_wall_s": med,
         "speed_up": round(med["before"] / med["after"], 2)})
 

@@ -5,10 +5,11 @@ earlier commit (a temporary git worktree) and at the working tree (issue 12).
 
 Cases (single process, so the profile sees all the work): the Flower comparison's svm case shortened to 6
 rounds (RAVDESS fold 1, 20 peers, fedavg on a star, 8 local steps of 16, test UA every round) and the
-README's main job shortened to 8 rounds plus 2 averaging rounds (synthetic corpus, 12 peers, dpsgd,
-cnn1d-shallow). For each: wall time of the command, of the simulation loop, and the cumulative seconds of
-the functions that matter (training, evaluation, the svm's statistics pooling, checkpoints, codec, metrics,
-report). Writes ``benchmarks/results/profile.json``.
+README's main job shortened to 8 rounds plus 2 averaging rounds (synthetic corpus, 12 peers, dpsgd, the
+default model and features). For each: wall time of the command, and the cumulative CPU seconds of the
+simulation loop and of the functions that matter (training, evaluation, the svm's statistics pooling, consensus distance and
+mixing, checkpoints, codec, metrics, report), profiled with the process's CPU time as the clock (the machine
+is shared). Writes ``benchmarks/results/NAME.json`` (``--name``, default ``profile``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ WATCH = {  # label -> (file suffix, function name) in the profile
     "local training": ("learn/learner.py", "train"),
     "evaluation": ("learn/learner.py", "evaluate"),
     "svm statistics pooling": ("learn/models.py", "_stats_pool"),
+    "consensus distance": ("exchange/mixing.py", "consensus_distance"),
+    "mixing rule (weighted average)": ("exchange/mixing.py", "mix"),
     "checkpoints": ("exchange/checkpoint.py", "save_checkpoint"),
     "decode": ("exchange/codec.py", "decode"),
     "encode": ("exchange/codec.py", "encode"),
@@ -45,16 +48,21 @@ def cases(synth: Path) -> dict[str, list[str]]:
             str(DATA / "ravdess"), "--fold", "1", "--model", "svm", "--rounds", "6", "--local-steps", "8",
             "--batch-size", "16", "--lr", "0.1", "--eval-every", "1", "--algorithm", "fedavg", "--topology",
             str(REPO / "topologies" / "star-20.toml")],
-        "README main job (cnn1d-shallow, dpsgd, 12 peers; 8 + 2 rounds)": [
+        "README main job (the default mlp on compare, dpsgd, 12 peers; 8 + 2 rounds)": [
             str(synth), "--max-seconds", "3", "--rounds", "8", "--final-mixing", "2", "--local-steps", "4",
             "--eval-every", "5"],
     }
 
 
+# cProfile with the process's CPU time as its clock: on a shared machine, wall time measures the other jobs.
+_RUN = ("import cProfile, runpy, sys, time; prof = cProfile.Profile(time.process_time); sys.argv = sys.argv[1:]; "
+        "prof.enable()\ntry: runpy.run_module('p2pser', run_name='__main__')\nexcept SystemExit: pass\n"
+        "finally: prof.disable(); prof.dump_stats(sys.argv[0])")
+
+
 def profile(source: Path, args: list[str], out: Path, extra: list[str], env: dict) -> dict:
     prof = out.with_suffix(".prof")
-    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "p2pser", "simulate", *args, *extra,
-           "--out", str(out)]
+    cmd = [sys.executable, "-c", _RUN, str(prof), "simulate", *args, *extra, "--out", str(out)]
     load = round(os.getloadavg()[0], 2)
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, cwd=source, env=dict(env, PYTHONPATH=str(source)), stdout=subprocess.DEVNULL,
@@ -65,13 +73,17 @@ def profile(source: Path, args: list[str], out: Path, extra: list[str], env: dic
     for label, (suffix, name) in WATCH.items():
         seconds[label] = round(sum(v[3] for (path, _, func), v in stats.items()
                                    if path.endswith(suffix) and func == name), 2)
-    return {"wall_s_under_profiler": round(wall, 1), "load_at_start": load, "cumulative_s": seconds}
+    return {"wall_s_under_profiler": round(wall, 1), "cpu_s_profiled": round(pstats.Stats(str(prof)).total_tt, 2),
+            "load_at_start": load, "load_at_end": round(os.getloadavg()[0], 2), "cumulative_cpu_s": seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True)
+    parser.add_argument("--cases", default="0,1", help="which cases (0: svm fedavg, 1: README main job)")
+    parser.add_argument("--name", default="profile", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
+    chosen = {int(c) for c in args.cases.split(",")}
     base_rev = subprocess.run(["git", "rev-parse", args.base], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     results: dict = {"base": base_rev, "cases": {}}
@@ -86,13 +98,16 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "p2pser", "data", "synth", str(synth), "--speakers", "16"],
                            check=True, cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL)
             for i, (name, case) in enumerate(cases(synth).items()):
-                before = profile(base, case, tmp / f"before-{i}", [], env)
+                if i not in chosen:
+                    continue
+                # One process on both sides (the profile sees only its own process).
+                before = profile(base, case, tmp / f"before-{i}", ["--workers", "1"], env)
                 after = profile(REPO, case, tmp / f"after-{i}", ["--workers", "1"], env)
                 results["cases"][name] = {"args": case, "before": before, "after": after}
                 print(name, before, after, flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
-    write_results("profile", provenance(sys.argv) | results)
+    write_results(args.name, provenance(sys.argv) | results)
 
 
 if __name__ == "__main__":

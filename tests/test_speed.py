@@ -132,3 +132,52 @@ def test_peers_trained_together_match_one_by_one(setup, tmp_path):
                     assert value == b[key], key
     for (_, a, _), (_, b, _) in zip(load_models(tmp_path / "off"), load_models(tmp_path / "on"), strict=True):
         assert all(np.allclose(a[k], b[k], atol=1e-4, rtol=0) for k in a)
+
+
+def _plain_average(own, own_weight, others):
+    """The weighted average as it was written before it was blocked (one float64 temporary per term)."""
+    total = own_weight + sum(c.weight for c in others)
+    out = {}
+    for name, value in own.items():
+        acc = value.astype(np.float64) * (own_weight / total)
+        for c in sorted(others, key=lambda c: c.sender):
+            acc += c.state[name].astype(np.float64) * (c.weight / total)
+        out[name] = acc.astype(value.dtype)
+    return out
+
+
+def test_blocked_mixing_and_distances_are_the_plain_expressions_bit_for_bit():
+    from p2pser.exchange.mixing import (
+        _BLOCK,
+        ClippedGossip,
+        Contribution,
+        WeightedAverage,
+        _distance,
+        consensus_distance,
+    )
+
+    rng = np.random.default_rng(4)
+    # Sizes around and far beyond a block, odd ones, an empty tensor: numpy's pairwise summation order is
+    # what the blocked distance reproduces, so a numpy that changed it would fail here.
+    for size in (0, 7, _BLOCK - 1, _BLOCK + 9, 5 * _BLOCK + 3, 1_631_488):
+        own = {"w": rng.normal(size=size).astype(np.float32), "b": rng.normal(size=(3, 5)).astype(np.float32)}
+        others = [{k: (v + rng.normal(size=v.shape) * 10.0 ** -j).astype(np.float32) for k, v in own.items()}
+                  for j in range(4)]
+        plain = [sum(float(np.sum((own[k].astype(np.float64) - o[k]) ** 2)) for k in own) ** 0.5 for o in others]
+        assert consensus_distance(own, others) == float(np.mean(plain))
+        assert _distance(others[1], own) == plain[1]
+        contributions = [Contribution(s, float(rng.random()), o) for s, o in zip((5, 2, 9, 1), others)]
+        mixed = WeightedAverage().mix(own, 0.3, contributions)
+        want = _plain_average(own, 0.3, contributions)
+        assert all(mixed[k].dtype == want[k].dtype and np.array_equal(mixed[k], want[k]) for k in own)
+        assert ClippedGossip(radius=1e9).mix(own, 0.3, contributions).keys() == own.keys()
+
+
+def test_the_allocator_setting_is_idempotent_and_harmless():
+    from p2pser.runtime import tune_allocator
+
+    tune_allocator()
+    tune_allocator()
+    a = np.ones(4 << 20)  # 32 MB: from the heap now, freed and reused
+    del a
+    assert np.ones(4 << 20).sum() == 4 << 20

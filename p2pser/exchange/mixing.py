@@ -54,18 +54,84 @@ class WeightedAverage:
     def mix(self, own: State, own_weight: float, others: Sequence[Contribution]) -> dict[str, np.ndarray]:
         ordered = sorted(others, key=lambda c: c.sender)
         total = own_weight + sum(c.weight for c in ordered)
+        scales = [c.weight / total for c in ordered]
         mixed = {}
         for name, value in own.items():
-            acc = value.astype(np.float64) * (own_weight / total)
-            for c in ordered:
-                acc += c.state[name].astype(np.float64) * (c.weight / total)
-            mixed[name] = acc.astype(value.dtype)
+            # own * w + sum(other * w_j) in float64, the terms added in sender order: every element sees the
+            # operations of ``value.astype(np.float64) * w + ...`` in the same order, so the result is the
+            # same to the bit, but block by block in cache instead of one float64 temporary of the whole
+            # tensor per term (17.2 ms -> 10.5 ms of CPU for 1.67 M parameters and 6 neighbours: step.json).
+            out = np.empty_like(value)
+            flat_out, flat_own = out.reshape(-1), value.reshape(-1)
+            flat = [c.state[name].reshape(-1) for c in ordered]
+            acc = np.empty(min(flat_own.size, _BLOCK), dtype=np.float64)
+            term = np.empty_like(acc)
+            for lo in range(0, flat_own.size, _BLOCK):
+                hi = min(lo + _BLOCK, flat_own.size)
+                a, t = acc[: hi - lo], term[: hi - lo]
+                np.multiply(flat_own[lo:hi], own_weight / total, out=a, dtype=np.float64)
+                for other, scale in zip(flat, scales):
+                    a += np.multiply(other[lo:hi], scale, out=t, dtype=np.float64)
+                flat_out[lo:hi] = a
+            mixed[name] = out
         return mixed
+
+
+# Elements per block of the mixing arithmetic: 256 KB of float64, within a core's L2 cache.
+_BLOCK = 1 << 15
+
+
+def _pairwise(n: int, leaf) -> float:
+    """The sum of ``leaf(lo, hi)`` over blocks of ``[0, n)``, added in the order of numpy's pairwise summation
+    (``np.sum`` of a contiguous float64 array halves it at a multiple of 8 until a block is small), so that
+    with ``leaf = np.sum of that block`` the result equals ``np.sum`` of the whole array to the bit
+    (``tests/test_speed.py`` pins this against the numpy installed)."""
+    def part(lo: int, size: int) -> float:
+        if size <= _BLOCK:
+            return leaf(lo, lo + size)
+        half = size // 2
+        half -= half % 8
+        return part(lo, half) + part(lo + half, size - half)
+
+    return part(0, n)
+
+
+def squared_distances(own: State, others: Sequence[State]) -> list[float]:
+    """``sum over tensors of np.sum((own[k] - other[k]) ** 2)`` in float64 for each of ``others``: the same
+    numbers as that expression, computed block by block in cache (own widened once per block, not once per
+    neighbour) instead of three float64 temporaries of every tensor per neighbour."""
+    sq = [0.0] * len(others)
+    for k, value in own.items():
+        flat_own = value.reshape(-1)
+        flat = [other[k].reshape(-1) for other in others]
+        wide = np.empty(min(flat_own.size, _BLOCK), dtype=np.float64)
+        diff = np.empty_like(wide)
+
+        # One pass over the blocks for all neighbours: each block of own is widened once.
+        sums: list[list] = [[] for _ in others]
+        for lo, hi in _leaves(flat_own.size):
+            w, d = wide[: hi - lo], diff[: hi - lo]
+            w[:] = flat_own[lo:hi]
+            for j, other in enumerate(flat):
+                np.subtract(w, other[lo:hi], out=d)
+                np.multiply(d, d, out=d)
+                sums[j].append(np.sum(d))
+        for j in range(len(others)):
+            it = iter(sums[j])
+            sq[j] += float(_pairwise(flat_own.size, lambda lo, hi, it=it: next(it)))
+    return sq
+
+
+def _leaves(n: int) -> list[tuple[int, int]]:
+    """The blocks ``_pairwise`` visits, in its order."""
+    out: list[tuple[int, int]] = []
+    _pairwise(n, lambda lo, hi: out.append((lo, hi)) or 0.0)
+    return out
 
 
 def _distance(a: State, b: State) -> float:
     """L2 norm of ``a - b`` over the whole parameter vector (all tensors together), in float64."""
-    return float(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in a)) ** 0.5
+    return squared_distances(b, [a])[0] ** 0.5
 
 
 class ClippedGossip:
@@ -185,8 +251,4 @@ def consensus_distance(own: State, others: Sequence[State]) -> float | None:
     """Mean L2 distance between our parameters and each neighbour's, over all tensors (None when alone)."""
     if not others:
         return None
-    dists = []
-    for other in others:
-        sq = sum(float(np.sum((own[k].astype(np.float64) - other[k]) ** 2)) for k in own)
-        dists.append(sq**0.5)
-    return float(np.mean(dists))
+    return float(np.mean([s**0.5 for s in squared_distances(own, others)]))

@@ -121,9 +121,10 @@ class Peer:
         report = getattr(self.learner, "privacy", None)
         return dict(report()) if report is not None else {}
 
-    def save_outputs(self, folder: str | Path) -> None:
-        """What a peer leaves in its folder at exit for the report (the learner's files)."""
-        self.learner.save(folder)
+    def save_outputs(self, folder: str | Path, *, durable: bool = True) -> None:
+        """What a peer leaves in its folder at exit for the report (the learner's files; ``durable``: fsynced,
+        as a real peer does; a simulation, whose crashes are simulated, skips it)."""
+        self.learner.save(folder, durable=durable)
 
 
 def make_learner(data: PeerData, cfg: RunConfig, peer_id: int, task: Task = CLASSIFICATION, *,

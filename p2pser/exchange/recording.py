@@ -65,13 +65,14 @@ class RecordingUpdates(LearnerWrapper):
         self.start = self.inner.snapshot()[self.layer].copy()
         self.trained = False
 
-    def save(self, folder: str | Path) -> None:
-        self.inner.save(folder)
+    def save(self, folder: str | Path, *, durable: bool = True) -> None:
+        self.inner.save(folder, durable=durable)
         rounds = sorted(self.updates)
         shape = self.start.shape
         updates = np.stack([self.updates[r] for r in rounds]) if rounds else np.zeros((0, *shape), np.float32)
         write_atomically(Path(folder) / UPDATES,
-                         lambda fh: np.savez(fh, rounds=np.asarray(rounds, dtype=np.int64), updates=updates))
+                         lambda fh: np.savez(fh, rounds=np.asarray(rounds, dtype=np.int64), updates=updates),
+                         durable=durable)
         write_json_atomic(Path(folder) / UPDATES_META, self.meta | {"rounds_recorded": len(rounds)})
 
 

@@ -154,7 +154,7 @@ def simulate_run(plan: Plan, topology: Topology, topology_name: str, cfg: RunCon
         training_s = sum(p.learner.timings["train"] + p.learner.timings["eval"] for p in peers)
         for p in peers:
             folder = peer_dir(out_dir, p.id)
-            p.save_outputs(folder)
+            p.save_outputs(folder, durable=False)
             alive = sim.sim[p.id].alive
             if alive:
                 sim.sim[p.id].checkpointer.save()  # as a real peer does at exit

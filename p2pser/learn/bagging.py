@@ -258,11 +258,11 @@ class BaggingLearner(SharedStatistics):
     def identity(self) -> dict[str, Any]:
         return {"model": "xgb", "features": self.features, "samples": self.samples}
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, *, durable: bool = True) -> None:
         """``ensembles.npz``: the index and ensembles of the bag this peer predicts with (no pickle)."""
         chosen = {id(m) for m in self.bag()}
         state = pack({o: m for o, m in self.held.items() if id(m) in chosen}, {})
-        write_atomically(Path(folder) / ENSEMBLES_FILE, lambda fh: np.savez(fh, **state))
+        write_atomically(Path(folder) / ENSEMBLES_FILE, lambda fh: np.savez(fh, **state), durable=durable)
 
 
 def pack(held: Mapping[int, Member], known: Mapping[int, int], only: set[int] | None = None) -> dict[str, np.ndarray]:

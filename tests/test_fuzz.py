@@ -502,6 +502,10 @@ class StateReader(threading.Thread):
         self.answers = 0
         self.problems: list[str] = []
         self.stop = threading.Event()
+        # Set once the fuzz is over: the peer's first message that is not an answer (its next round's model,
+        # sent after every pull before it was answered or dropped) is handed over and ends this reader.
+        self.fuzz_over = threading.Event()
+        self.handover: list | None = None
         self._answered = threading.Condition()
 
     def wait_answers(self, n: int, timeout: float) -> None:
@@ -521,6 +525,9 @@ class StateReader(threading.Thread):
                 message = self.decoder.decode(frames)
             except CodecError as exc:
                 message = Message(-1, -1, 0.0, 0, f"undecodable ({exc})")
+            if self.fuzz_over.is_set() and (message.kind, message.round) != ("state", self.round):
+                self.handover = frames
+                return
             if message.kind != "state" or message.round != self.round:
                 self.problems.append(f"peer 0 sent a {message.kind} of round {message.round} during the fuzz")
             elif [bytes(f) for f in frames[1:]] != self.expected:
@@ -555,6 +562,7 @@ def _check_reasons(cases: list[Case], rejections: list[tuple[str, str]]) -> None
 class FuzzRun:
     cases: list[Case]  # every message that must be rejected, in the order sent
     answers: int  # pulls answered during the fuzz (one after every malformed message)
+    dropped: int  # sends the peer itself counted as dropped in that round (its queue to us full): answers lost
     problems: list[str]  # what was wrong with those answers
     alive_after_fuzz: bool
     pulls_after_fuzz: list[int]  # rounds at which the peer pulled us (caught up) after the fuzz
@@ -633,21 +641,26 @@ def _fuzz_live_peer(proc: subprocess.Popen, neighbour: Neighbour, folder: Path, 
 
     t0 = time.monotonic()
     try:
-        fire()
-        # A message the peer took without a rejection line would leave this short: the tests say which.
-        deadline = time.monotonic() + LIMIT_S
-        while len(_rejections(log_text())) < len(cases) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        seconds = time.monotonic() - t0
-        reader.wait_answers(len(cases), LIMIT_S)
-    except AssertionError as exc:
-        if proc.poll() is not None:  # the message that killed it is the last one sent; its traceback is here
-            raise AssertionError(f"peer 0 died during the fuzz (exit {proc.returncode}):\n{log_text()[-3000:]}") \
-                from exc
-        raise
-    finally:
+        try:
+            fire()
+            # A message the peer took without a rejection line would leave this short: the tests say which.
+            deadline = time.monotonic() + LIMIT_S
+            while len(_rejections(log_text())) < len(cases) and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            seconds = time.monotonic() - t0
+            # The last few answers may still be on their way; a send the peer dropped (its queue to us full)
+            # never comes, and the peer counts it: the reader takes answers until the peer's next round says
+            # that all are in (below).
+            reader.wait_answers(len(cases) - PULL_WINDOW - 1, LIMIT_S)
+        except AssertionError as exc:
+            if proc.poll() is not None:  # the message that killed it is the last one sent; its traceback is here
+                raise AssertionError(f"peer 0 died during the fuzz (exit {proc.returncode}):\n{log_text()[-3000:]}") \
+                    from exc
+            raise
+    except BaseException:
         reader.stop.set()
         reader.join()
+        raise
     kinds = Counter("/".join(sorted(c.expect)) for c in cases)
     print(f"fuzz: {len(cases)} malformed messages rejected in {seconds:.1f} s, {reader.answers} pulls answered; "
           f"by reason: {dict(sorted(kinds.items()))}")
@@ -656,16 +669,26 @@ def _fuzz_live_peer(proc: subprocess.Popen, neighbour: Neighbour, folder: Path, 
     # Now a valid model, twice: the copy is refused, and the peer goes on. We answer what it sends us as an
     # honest neighbour would (a model of each round, our state if it pulls) until it finishes.
     valid = tuple(bytes(f) for f in encode(dict(w.tensors), sender=1, round=HONEST, samples=w.samples))
+    reader.fuzz_over.set()
     neighbour.send("1", valid)
     neighbour.send("1", valid)
     cases.append(_case(valid, "duplicate", "stale"))
+    # The same connection carried every pull before the model that ends the peer's round, and the peer sends
+    # to us in order: its next message after the answers tells that every answer it sent has arrived.
+    deadline = time.monotonic() + LIMIT_S
+    while reader.is_alive() and proc.poll() is None and time.monotonic() < deadline:
+        reader.join(0.5)
+    reader.stop.set()
+    reader.join()
+    pending = [reader.handover] if reader.handover is not None else []
     pulls = []
     params = dict(w.tensors)  # the peer's parameters as last sent to us
     deadline = time.monotonic() + LIMIT_S
     while alive and proc.poll() is None and time.monotonic() < deadline:
-        if not neighbour.inbound.poll(200):
+        if not pending and not neighbour.inbound.poll(200):
             continue
-        message = Decoder(None).decode(neighbour.inbound.recv_multipart()[1:])
+        frames = pending.pop() if pending else neighbour.inbound.recv_multipart()[1:]
+        message = Decoder(None).decode(frames)
         if message.kind == "pull":
             pulls.append(message.round)
             neighbour.send("1", encode(params, sender=1, round=message.round, samples=w.samples, kind="state"))
@@ -676,7 +699,10 @@ def _fuzz_live_peer(proc: subprocess.Popen, neighbour: Neighbour, folder: Path, 
         returncode = proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         returncode = None
-    return FuzzRun(cases, reader.answers, reader.problems, alive, pulls, returncode, folder, log_text())
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    # The fuzz's round, where answers were the peer's only sends (a peer that died has no row: other tests say so)
+    dropped = rows[HONEST]["dropped"] - rows[HONEST - 1]["dropped"] if len(rows) > HONEST else 0
+    return FuzzRun(cases, reader.answers, dropped, reader.problems, alive, pulls, returncode, folder, log_text())
 
 
 def test_ten_thousand_malformed_messages_are_each_rejected_with_their_reason(fuzzed):
@@ -690,7 +716,10 @@ def test_ten_thousand_malformed_messages_are_each_rejected_with_their_reason(fuz
 
 def test_parameters_are_bit_identical_after_every_rejected_message(fuzzed):
     assert not fuzzed.problems, fuzzed.problems[:5]
-    assert fuzzed.answers == len(fuzzed.cases) - 1  # every malformed message but the final duplicate
+    # Every malformed message but the final duplicate was followed by a pull: each one answered, or dropped
+    # by the peer's full queue to us and counted (by design it drops rather than blocks; rare, a few at most).
+    assert fuzzed.answers + fuzzed.dropped == len(fuzzed.cases) - 1, (fuzzed.answers, fuzzed.dropped)
+    assert fuzzed.dropped <= 5, f"{fuzzed.dropped} answers dropped"
 
 
 def test_the_peer_survives_and_finishes_its_rounds(fuzzed):

@@ -227,7 +227,7 @@ def test_unreadable_file_is_skipped_as_cannot_read(speech, tmp_path):
     (tmp_path / "locked.wav").write_bytes(encode(speech))
     (tmp_path / "locked.wav").chmod(0)
     (tmp_path / "manifest.csv").write_text("file,speaker,emotion\nlocked.wav,s1,angry\n")
-    command = [sys.executable, "-m", "p2pser", "features", str(tmp_path),
+    command = [sys.executable, "-m", "p2pser", "features", str(tmp_path), "--kind", "mfcc",
                "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--no-progress"]  # fmt: skip
     if os.geteuid() == 0:  # root reads any file unless it gives up the capabilities that let it
         if shutil.which("setpriv") is None:
@@ -293,8 +293,8 @@ def lines_naming(stderr: str, path: Path) -> list[str]:
 @pytest.mark.slow
 def test_cli_features_goes_on_and_a_warm_run_opens_no_bad_file(corpus, monkeypatch, caplog):
     data, cache, bad = corpus
-    proc = run_cli("features", str(data), "--cache-dir", str(cache), "--workers", "1", "--no-progress",
-                   "--json")
+    proc = run_cli("features", str(data), "--kind", "mfcc", "--cache-dir", str(cache), "--workers", "1",
+                   "--no-progress", "--json")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     summary = json.loads(proc.stdout)

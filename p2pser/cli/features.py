@@ -7,6 +7,7 @@ import json
 
 from p2pser.audio.corpora import load_corpus
 from p2pser.audio.decode import NORMALIZATIONS
+from p2pser.config import RunConfig
 from p2pser.features.cache import default_cache_dir
 from p2pser.features.extract import extract_features
 from p2pser.features.kinds import KINDS
@@ -20,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "features", help="extract features of a corpus into the cache; print counts, shape, skipped files, speed"
     )
     p.add_argument("data_dir", metavar="DIR", help="corpus folder (or manifest) as for `p2pser data info`")
-    add_spec_arguments(p)
+    # The runs' default kind, so that `p2pser features DIR` warms the cache the default runs read.
+    add_spec_arguments(p, kind=RunConfig.features)
     p.add_argument("--workers", type=int, default=None, help="extraction processes (default: all CPUs)")
     p.add_argument("--cache-dir", default=None,
                    help=f"feature cache folder (default $P2PSER_CACHE_DIR or {default_cache_dir()})")

@@ -8,8 +8,9 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
             the frame-level kinds only. The default model and features are chosen from these files by the
             mean *validation* UA over the corpora, never by test UA.
 ``folds``   one model x features on every fold of a corpus (the targets: RAVDESS 6-fold, EmoDB 5-fold).
-``gossip``  xgb by bagging in the simulator (8 peers, one per training speaker of EmoDB fold 1, exponential
-            graph) beside the pooled xgb of the same run; ensemble bytes per peer.
+``gossip``  xgb by gossip in the simulator (8 peers, one per training speaker of EmoDB fold 1, exponential
+            graph; ``--boosting own``, ``cyclic`` or ``histogram``) beside the pooled xgb of the same run;
+            bytes per peer, wall and CPU seconds.
 ``bagging-rule``  how a peer combines ensembles and how many trees it boosts, chosen on validation data.
 ``speed``   extraction speed of each feature kind on EmoDB: seconds of audio per CPU-second cold (a fresh
             cache, one process) and utterances per second warm.
@@ -22,6 +23,7 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
     python benchmarks/bench_ser.py matrix --corpus emodb
     python benchmarks/bench_ser.py folds --corpus ravdess --model mlp --features egemaps
     python benchmarks/bench_ser.py gossip
+    python benchmarks/bench_ser.py gossip --boosting histogram --rounds 1604 --final-mixing 1
     python benchmarks/bench_ser.py speed
     python benchmarks/bench_ser.py validate --corpus emodb --cases mlp:compare:none,mlp:compare:speed:2
     python benchmarks/bench_ser.py table     # the matrix files as markdown tables
@@ -162,26 +164,43 @@ def join(args) -> None:
 
 
 def gossip(args) -> None:
+    """``--boosting histogram`` grows one ensemble level by level: ``--rounds`` must cover the diameter (2)
+    times (1 + iterations x depth) steps; ``--local-steps`` does not apply to it. ``--eval-every`` thins the
+    evaluated rounds; the per-round UA kept in the file is thinned to at most ~100 points."""
+    import resource
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
         run = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "p2pser", "simulate", str(DATA / "emodb"), "--fold", "1", "--peers", "8",
                "--model", "xgb", "--algorithm", "bagging", "--features", args.features,
-               "--rounds", str(args.rounds), "--local-steps", str(args.trees), "--final-mixing", "3",
-               "--eval-every", "1", "--boosting", args.boosting, "--baseline", "centralized", "--out", str(run)]
+               "--rounds", str(args.rounds), "--local-steps", str(args.trees),
+               "--final-mixing", str(args.final_mixing), "--eval-every", str(args.eval_every),
+               "--boosting", args.boosting, "--baseline", "centralized", "--out", str(run)]
+        load = os.getloadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         summary = json.loads((run / "summary.json").read_text())
         peers = []
         for k in range(8):
             rows = [json.loads(line) for line in (run / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
+            scored = [r for r in rows if "test_ua" in r]
+            every = max(1, len(scored) // 100)
             peers.append({"peer": k, "test_ua": round(rows[-1]["test_ua"], 4), "bag_size": rows[-1]["bag_size"],
                           "bytes_sent": rows[-1]["bytes_sent"], "bytes_received": rows[-1]["bytes_received"],
-                          "ua_per_round": [round(r["test_ua"], 4) for r in rows]})
+                          "rejected": rows[-1]["rejected"],
+                          **({"boosting_iterations": rows[-1]["boosting_iterations"]}
+                             if "boosting_iterations" in rows[-1] else {}),
+                          "ua_per_round": {r["round"]: round(r["test_ua"], 4) for r in scored[::every]}
+                          | {scored[-1]["round"]: round(scored[-1]["test_ua"], 4)}})
     results = {"command": " ".join(cmd[1:]), "wall_s": round(wall, 1),
+               "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+               "load_avg_at_start": round(load, 1), "load_avg_at_end": round(os.getloadavg()[0], 1),
                "ua_mean": round(summary["ua_mean"], 4), "ua_min": round(summary["ua_min"], 4),
+               "ua_max": round(summary["ua_max"], 4),
                "pooled_xgb_ua": round(summary["baseline_centralized_ua"], 4),
                "gap_points": round(100 * (summary["baseline_centralized_ua"] - summary["ua_mean"]), 2),
                "bytes_sent_mean_per_peer": round(sum(p["bytes_sent"] for p in peers) / len(peers)),
@@ -454,7 +473,9 @@ def main() -> None:
     parser.add_argument("--kinds", default=None, help="matrix: only these feature kinds (comma list)")
     parser.add_argument("--trees", type=int, default=100, help="gossip: boosting rounds per peer and round")
     parser.add_argument("--rounds", type=int, default=1, help="gossip: rounds of boosting")
-    parser.add_argument("--boosting", default="own", help="gossip: --boosting own or cyclic")
+    parser.add_argument("--boosting", default="own", help="gossip: --boosting own, cyclic or histogram")
+    parser.add_argument("--final-mixing", type=int, default=3, help="gossip: --final-mixing")
+    parser.add_argument("--eval-every", type=int, default=1, help="gossip: --eval-every")
     parser.add_argument("--averaged", type=lambda t: [int(k) for k in t.split(",") if k], default=[],
                         help="cyclic-rule: also boosting by averaged tree sets, k trees per round (comma list)")
     parser.add_argument("--only-averaged", action="store_true", help="cyclic-rule: only the averaged methods")

@@ -11,6 +11,7 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
 ``gossip``  xgb by gossip in the simulator (8 peers, one per training speaker of EmoDB fold 1, exponential
             graph; ``--boosting own``, ``cyclic`` or ``histogram``) beside the pooled xgb of the same run;
             bytes per peer, wall and CPU seconds.
+``histogram-rule``  ``--boosting histogram`` against pooled xgb on validation speakers (never test ones).
 ``bagging-rule``  how a peer combines ensembles and how many trees it boosts, chosen on validation data.
 ``speed``   extraction speed of each feature kind on EmoDB: seconds of audio per CPU-second cold (a fresh
             cache, one process) and utterances per second warm.
@@ -24,6 +25,7 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
     python benchmarks/bench_ser.py folds --corpus ravdess --model mlp --features egemaps
     python benchmarks/bench_ser.py gossip
     python benchmarks/bench_ser.py gossip --boosting histogram --rounds 1604 --final-mixing 1
+    python benchmarks/bench_ser.py histogram-rule --seeds 2
     python benchmarks/bench_ser.py speed
     python benchmarks/bench_ser.py validate --corpus emodb --cases mlp:compare:none,mlp:compare:speed:2
     python benchmarks/bench_ser.py table     # the matrix files as markdown tables
@@ -166,7 +168,24 @@ def join(args) -> None:
 def gossip(args) -> None:
     """``--boosting histogram`` grows one ensemble level by level: ``--rounds`` must cover the diameter (2)
     times (1 + iterations x depth) steps; ``--local-steps`` does not apply to it. ``--eval-every`` thins the
-    evaluated rounds; the per-round UA kept in the file is thinned to at most ~100 points."""
+    evaluated rounds; the per-round UA kept in the file is thinned to at most ~100 points. ``--seeds`` n
+    runs seeds 0 .. n-1 (peers and pooled model alike) and adds their means; ``--val-fraction`` is the
+    share of its data each peer holds back for validation (the pooled model trains on all)."""
+    runs = [_gossip_run(args, seed) for seed in range(args.seeds)]
+    results = runs[0]
+    if args.seeds > 1:
+        keys = ("ua_mean", "pooled_xgb_ua", "gap_points", "bytes_sent_mean_per_peer", "wall_s", "cpu_s")
+        results = results | {
+            "per_seed": [{"seed": s, **{k: r[k] for k in keys}} for s, r in enumerate(runs)],
+            **{f"{k}_over_seeds": round(float(np.mean([r[k] for r in runs])), 4) for k in keys[:3]}}
+    print(json.dumps({k: v for k, v in results.items() if k != "peers"}, indent=1))
+    suffix = "" if args.boosting == "own" else f"-{args.boosting}"
+    suffix += "" if args.val_fraction == VAL_FRACTION else f"-val{args.val_fraction:g}"
+    suffix += "" if args.seeds == 1 else f"-seeds{args.seeds}"
+    write_results(f"ser-gossip-{args.features}{suffix}", results | provenance(sys.argv))
+
+
+def _gossip_run(args, seed: int) -> dict:
     import resource
     import subprocess
 
@@ -177,6 +196,8 @@ def gossip(args) -> None:
                "--rounds", str(args.rounds), "--local-steps", str(args.trees),
                "--final-mixing", str(args.final_mixing), "--eval-every", str(args.eval_every),
                "--boosting", args.boosting, "--baseline", "centralized", "--out", str(run)]
+        cmd += ([] if args.val_fraction == VAL_FRACTION else ["--val-fraction", f"{args.val_fraction:g}"])
+        cmd += ([] if seed == 0 else ["--seed", str(seed)])
         load = os.getloadavg()[0]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
@@ -205,9 +226,8 @@ def gossip(args) -> None:
                "gap_points": round(100 * (summary["baseline_centralized_ua"] - summary["ua_mean"]), 2),
                "bytes_sent_mean_per_peer": round(sum(p["bytes_sent"] for p in peers) / len(peers)),
                "bytes_sent_max_peer": summary["bytes_sent_max_peer"], "peers": peers}
-    print(json.dumps({k: v for k, v in results.items() if k != "peers"}, indent=1))
-    suffix = "" if args.boosting == "own" else f"-{args.boosting}"
-    write_results(f"ser-gossip-{args.features}{suffix}", results | provenance(sys.argv))
+    print(json.dumps({k: v for k, v in results.items() if k != "peers"}), flush=True)
+    return results
 
 
 def bagging_rule(args) -> None:
@@ -338,6 +358,77 @@ def _averaged_boosting(v, y, peers, val, n_classes: int, k: int, seed: int) -> n
     return e / e.sum(axis=1, keepdims=True)
 
 
+def histogram_rule(args) -> None:
+    """``--boosting histogram`` on the validation speakers of EmoDB fold 1 (the ``cyclic-rule`` groups; the
+    fold's test speakers are never used): one peer per remaining training speaker growing one ensemble on
+    summed histograms (``p2pser.learn.histboost``, the exchange emulated in one process: every peer gets
+    every contribution each step), the same learner with one peer holding all their data (the pooled
+    histogram boosting it equals up to row subsampling and bin edges), and pooled xgb, for ``--seeds``
+    seeds each. Validation UA on the held-out speakers; the recipe is ``trees.XGB_RECIPE`` unchanged."""
+    from p2pser.features.normalize import standardize_by_speaker
+    from p2pser.learn import trees
+    from p2pser.learn.metrics import classification_report
+    from p2pser.learn.trees import XGB_TREES
+
+    pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=args.features), progress=False)
+    fs, y = pooled.features, pooled.y
+    train = rows(pooled.row_of, pooled.experiment.split(args.fold)[0])
+    speakers = sorted(set(fs.speakers[train].tolist()))
+    groups = [speakers[k :: args.inner] for k in range(args.inner)]
+    v = trees.utterance_vectors(standardize_by_speaker(fs.x, fs.lengths, fs.speakers))
+    methods = ("pooled-xgb", "histogram-1-peer", "histogram-peers")
+    scores: dict[str, list[float]] = {m: [] for m in methods}
+    t0 = time.process_time()
+    for group in groups:
+        held = np.isin(fs.speakers[train], group)
+        val, fit = train[held], train[~held]
+        peers = [fit[fs.speakers[fit] == s] for s in sorted(set(fs.speakers[fit].tolist()))]
+        k_classes = len(pooled.classes)
+        def ua(probs: np.ndarray, truth: np.ndarray = y[val]) -> float:
+            return classification_report(truth, probs.argmax(1), pooled.classes)["ua"]
+
+        for seed in range(args.seeds):
+            model = trees.boost(v[fit], y[fit], k_classes, XGB_TREES, seed=seed)
+            scores["pooled-xgb"].append(ua(trees.probabilities(model, v[val])))
+            scores["histogram-1-peer"].append(ua(_histogram_boosting(v, y, [fit], val, pooled.classes, seed)))
+            scores["histogram-peers"].append(ua(_histogram_boosting(v, y, peers, val, pooled.classes, seed)))
+            print(json.dumps({"group": group, "seed": seed} | {m: round(s[-1], 4) for m, s in scores.items()}),
+                  flush=True)
+    result = {m: {"val_ua": round(float(np.mean(s)), 4), "per_group_and_seed": [round(x, 4) for x in s]}
+              for m, s in scores.items()}
+    print(json.dumps({m: r["val_ua"] for m, r in result.items()}), flush=True)
+    write_results(f"ser-histogram-rule-{args.features}",
+                  {"corpus": "emodb", "outer_fold": args.fold, "groups": groups, "seeds": args.seeds,
+                   "methods": result, "iterations": XGB_TREES, "cpu_s": round(time.process_time() - t0, 1),
+                   "load_avg": round(os.getloadavg()[0], 1)} | provenance(sys.argv))
+
+
+def _histogram_boosting(v, y, peers, val, classes, seed: int) -> np.ndarray:
+    """``HistogramLearner`` peers holding rows ``peers`` (lists of row numbers), the exchange emulated in
+    one process (each step, every peer files every other's contributions); validation probabilities."""
+    from p2pser.exchange.mixing import Contribution
+    from p2pser.features.normalize import Normalizer
+    from p2pser.learn.data import PeerData
+    from p2pser.learn.histboost import HistogramLearner
+    from p2pser.learn.tasks import CLASSIFICATION
+
+    none = np.zeros(0, np.int64)
+    learners = []
+    for i, p in enumerate(peers):
+        data = PeerData(x_train=v[p][:, :, None], y_train=y[p], x_val=v[none][:, :, None], y_val=y[none],
+                        x_test=v[none][:, :, None], y_test=y[none], lengths_test=none, classes=list(classes),
+                        normalizer=Normalizer.identity(v.shape[1]))
+        data.mode = "speaker"  # inputs are standardised already
+        learners.append(HistogramLearner(data, "", CLASSIFICATION, peer_id=i, seed=seed, n_peers=len(peers)))
+    while not all(learner.finished for learner in learners):
+        for learner in learners:
+            learner.train(1)
+        offers = [learner.snapshot() for learner in learners]
+        for learner in learners:
+            learner.mix({}, 1.0, [Contribution(j, 1.0, o) for j, o in enumerate(offers) if j != learner.id], None)
+    return learners[0].predict_proba(v[val][:, :, None])
+
+
 def speed(args) -> None:
     from p2pser.audio.corpora import load_corpus
 
@@ -465,7 +556,7 @@ def table(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule", "validate",
-                                           "cyclic-rule", "join", "peers-augment"))
+                                           "cyclic-rule", "join", "peers-augment", "histogram-rule"))
     parser.add_argument("--corpus", default="emodb")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", default="egemaps")
@@ -479,6 +570,7 @@ def main() -> None:
     parser.add_argument("--averaged", type=lambda t: [int(k) for k in t.split(",") if k], default=[],
                         help="cyclic-rule: also boosting by averaged tree sets, k trees per round (comma list)")
     parser.add_argument("--only-averaged", action="store_true", help="cyclic-rule: only the averaged methods")
+    parser.add_argument("--seeds", type=int, default=1, help="histogram-rule: seeds per group; gossip: seeds")
     parser.add_argument("--step", type=int, default=4, help="speed: every n-th EmoDB file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fold", type=int, default=1, help="validate: the outer fold")
@@ -486,7 +578,8 @@ def main() -> None:
     parser.add_argument("--augment", default="none", help="folds: --augment of p2pser train")
     parser.add_argument("--copies", type=int, default=1, help="folds: --augment-copies")
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                        help="folds: validation share for early stopping (0: all epochs, as p2pser train)")
+                        help="folds: validation share for early stopping (0: all epochs, as p2pser train); "
+                             "gossip: --val-fraction of the peers")
     parser.add_argument("--inner", type=int, default=4, help="validate: groups of held-out training speakers")
     parser.add_argument("--cases", default="mlp:compare:none", help="validate: model:features:augment[:copies]")
     args = parser.parse_args()
@@ -495,7 +588,7 @@ def main() -> None:
     parts = {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table,
              "bagging-rule": bagging_rule, "validate": validate,
              "cyclic-rule": cyclic_rule, "join": join,
-             "peers-augment": peers_augment}
+             "peers-augment": peers_augment, "histogram-rule": histogram_rule}
     parts[args.part](args)
 
 

@@ -76,8 +76,8 @@ class RunConfig:
         **_opt("--model xgb: each peer boosts its own ensemble (own), or as many ensembles as peers travel the "
                "ring of peer ids and each peer adds --local-steps trees on its own data to the one it holds "
                "(cyclic), or all peers grow one ensemble whose splits are chosen on gradient histograms summed "
-               "over every peer's data (histogram: needs every peer alive; about diameter x (1 + 200 x 4) "
-               "rounds for the full 200 iterations)", choices=BOOSTING),
+               "over every peer's data (histogram: needs every peer alive; --rounds diameter x (1 + 200 x 4) + 1 "
+               "for the full 200 iterations)", choices=BOOSTING),
     )
     # The decentralized recipe's defaults (rounds, final_mixing, eval_every; AdamW kept across averages) were
     # chosen on validation speakers, never a fold's test speakers: benchmarks/bench_recipe.py.

@@ -31,9 +31,9 @@ after ``iterations`` (at most ``trees.XGB_TREES``, the pooled recipe's 200).
 
 Rounds. One step per round at most; a step's contributions reach every peer after the topology's diameter
 of rounds, so a step takes ``diameter`` rounds (the exponential graph of 8 peers: 2) and the whole
-ensemble ``diameter x (1 + iterations x max_depth)`` rounds at most (fewer when trees stop early): 1,602
-rounds for 200 iterations of depth-4 trees on the 8-peer exponential graph. ``--local-steps`` does not
-apply. A run whose ``--rounds`` end sooner predicts with the iterations completed by then.
+ensemble ``--rounds diameter x (1 + iterations x max_depth) + 1`` at most (fewer when trees stop early):
+1,603 rounds for 200 iterations of depth-4 trees on the 8-peer exponential graph. ``--local-steps`` does
+not apply. A run whose ``--rounds`` end sooner predicts with the iterations completed by then.
 
 What crosses the wire (the ``State``): every contribution the peer holds, keyed by ``key = step * STRIDE
 + origin``:

@@ -272,17 +272,12 @@ def bagging_rule(args) -> None:
                                                          "validation_ua": rows} | provenance(sys.argv))
 
 
-def cyclic_rule(args) -> None:
-    """How peers should boost trees by gossip, chosen on held-out training speakers of EmoDB fold 1 (the
-    ``validate`` groups; its test speakers are never used): one peer per remaining training speaker, and
-    (a) ``bag``: each peer boosts its own ensemble, predictions average the peers' probabilities;
-    (b) ``cyclic``: as many travelling ensembles as peers, in round r peer p adds k trees on its own data
-    to ensemble (p - r) mod n and passes it to peer p + 1; predictions average the ensembles;
-    (c) the pooled model of the same speakers, for reference. Validation UA on the held-out speakers."""
+def _held_out_groups(args):
+    """EmoDB under ``--features``: the pooled data, labels, speaker-standardised utterance vectors, and for
+    each of ``--inner`` groups of the outer fold's training speakers (``validate``'s groups): the group, its
+    rows (validation), the other training rows and those rows per speaker (one peer each)."""
     from p2pser.features.normalize import standardize_by_speaker
     from p2pser.learn import trees
-    from p2pser.learn.metrics import classification_report
-    from p2pser.learn.trees import XGB_TREES
 
     pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=args.features), progress=False)
     fs, y = pooled.features, pooled.y
@@ -290,15 +285,33 @@ def cyclic_rule(args) -> None:
     speakers = sorted(set(fs.speakers[train].tolist()))
     groups = [speakers[k :: args.inner] for k in range(args.inner)]
     v = trees.utterance_vectors(standardize_by_speaker(fs.x, fs.lengths, fs.speakers))
+    splits = []
+    for group in groups:
+        held = np.isin(fs.speakers[train], group)
+        val, fit = train[held], train[~held]
+        splits.append((group, val, fit, [fit[fs.speakers[fit] == s] for s in sorted(set(fs.speakers[fit].tolist()))]))
+    return pooled, y, v, splits
+
+
+def cyclic_rule(args) -> None:
+    """How peers should boost trees by gossip, chosen on held-out training speakers of EmoDB fold 1 (the
+    ``validate`` groups; its test speakers are never used): one peer per remaining training speaker, and
+    (a) ``bag``: each peer boosts its own ensemble, predictions average the peers' probabilities;
+    (b) ``cyclic``: as many travelling ensembles as peers, in round r peer p adds k trees on its own data
+    to ensemble (p - r) mod n and passes it to peer p + 1; predictions average the ensembles;
+    (c) the pooled model of the same speakers, for reference. Validation UA on the held-out speakers."""
+    from p2pser.learn import trees
+    from p2pser.learn.metrics import classification_report
+    from p2pser.learn.trees import XGB_TREES
+
+    pooled, y, v, splits = _held_out_groups(args)
+    groups = [group for group, *_ in splits]
     methods = ["pooled", "bag"] + [f"cyclic-{k}" for k in (5, 10, 25)] + [f"averaged-{k}" for k in args.averaged]
     if args.only_averaged:
         methods = [f"averaged-{k}" for k in args.averaged]
     scores: dict[str, list[float]] = {m: [] for m in methods}
     t0 = time.process_time()
-    for group in groups:
-        held = np.isin(fs.speakers[train], group)
-        val, fit = train[held], train[~held]
-        peers = [fit[fs.speakers[fit] == s] for s in sorted(set(fs.speakers[fit].tolist()))]
+    for _, val, fit, peers in splits:
         n, k_classes = len(peers), len(pooled.classes)
 
         def ua(probs: np.ndarray, truth: np.ndarray = y[val]) -> float:
@@ -365,24 +378,16 @@ def histogram_rule(args) -> None:
     every contribution each step), the same learner with one peer holding all their data (the pooled
     histogram boosting it equals up to row subsampling and bin edges), and pooled xgb, for ``--seeds``
     seeds each. Validation UA on the held-out speakers; the recipe is ``trees.XGB_RECIPE`` unchanged."""
-    from p2pser.features.normalize import standardize_by_speaker
     from p2pser.learn import trees
     from p2pser.learn.metrics import classification_report
     from p2pser.learn.trees import XGB_TREES
 
-    pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=args.features), progress=False)
-    fs, y = pooled.features, pooled.y
-    train = rows(pooled.row_of, pooled.experiment.split(args.fold)[0])
-    speakers = sorted(set(fs.speakers[train].tolist()))
-    groups = [speakers[k :: args.inner] for k in range(args.inner)]
-    v = trees.utterance_vectors(standardize_by_speaker(fs.x, fs.lengths, fs.speakers))
+    pooled, y, v, splits = _held_out_groups(args)
+    groups = [group for group, *_ in splits]
     methods = ("pooled-xgb", "histogram-1-peer", "histogram-peers")
     scores: dict[str, list[float]] = {m: [] for m in methods}
     t0 = time.process_time()
-    for group in groups:
-        held = np.isin(fs.speakers[train], group)
-        val, fit = train[held], train[~held]
-        peers = [fit[fs.speakers[fit] == s] for s in sorted(set(fs.speakers[fit].tolist()))]
+    for group, val, fit, peers in splits:
         k_classes = len(pooled.classes)
         def ua(probs: np.ndarray, truth: np.ndarray = y[val]) -> float:
             return classification_report(truth, probs.argmax(1), pooled.classes)["ua"]

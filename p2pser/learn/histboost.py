@@ -71,7 +71,8 @@ import numpy as np
 
 from p2pser.files import write_atomically
 from p2pser.learn import trees
-from p2pser.learn.data import PeerData, SharedStatistics
+from p2pser.learn.bagging import TreeExchange
+from p2pser.learn.data import PeerData
 from p2pser.learn.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -190,10 +191,8 @@ def merge_edges(summaries: Sequence[np.ndarray], n_features: int, max_bin: int) 
     return cuts, counts
 
 
-class HistogramLearner(SharedStatistics):
+class HistogramLearner(TreeExchange):
     """Implements ``p2pser.learn.learner.Learner`` for ``--boosting histogram``; see the module docstring."""
-
-    averageable = False
 
     def __init__(self, data: PeerData, features: str, task: Task, *, peer_id: int, seed: int, n_peers: int,
                  iterations: int = trees.XGB_TREES) -> None:
@@ -453,9 +452,6 @@ class HistogramLearner(SharedStatistics):
         if not self.finished:
             self._start_iteration()
 
-    def step_size(self) -> float:
-        return 0.0
-
     # -- prediction -------------------------------------------------------------------------------------
     def _forest_arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None or self._arrays[0] != self.complete_trees:
@@ -514,12 +510,6 @@ class HistogramLearner(SharedStatistics):
         return {INDEX: np.asarray(rows, np.int64).reshape(-1, 4),
                 CELLS: np.concatenate(cells) if cells else np.zeros(0, np.int32),
                 SUMS: np.concatenate(sums) if sums else np.zeros((0, 2), np.float32)}
-
-    def snapshot(self) -> dict[str, np.ndarray]:
-        return self.offer({})
-
-    def outgoing(self, state: State, round_: int) -> State:
-        return state
 
     @staticmethod
     def advertised(state: State) -> dict[int, int]:
@@ -583,9 +573,6 @@ class HistogramLearner(SharedStatistics):
                 if not size:
                     continue
                 self.held[key] = (np.array(c, np.int32), np.array(s, np.float32))
-
-    def advance_to(self, step: int) -> None:
-        """Nothing to move: steps advance with the contributions."""
 
     # -- normalisation statistics (--normalizer global): SharedStatistics ----------------------------------
     def _inputs_changed(self) -> None:

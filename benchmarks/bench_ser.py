@@ -205,6 +205,8 @@ def _gossip_run(args, seed: int) -> dict:
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         summary = json.loads((run / "summary.json").read_text())
+        pooled_recall = json.loads((run / "baseline-centralized" / "fold-1" / "metrics.json").read_text())["recall"]
+        recall = _histogram_recall(run / "peer-000" / "histboost.npz", args.features)
         peers = []
         for k in range(8):
             rows = [json.loads(line) for line in (run / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
@@ -225,9 +227,33 @@ def _gossip_run(args, seed: int) -> dict:
                "pooled_xgb_ua": round(summary["baseline_centralized_ua"], 4),
                "gap_points": round(100 * (summary["baseline_centralized_ua"] - summary["ua_mean"]), 2),
                "bytes_sent_mean_per_peer": round(sum(p["bytes_sent"] for p in peers) / len(peers)),
-               "bytes_sent_max_peer": summary["bytes_sent_max_peer"], "peers": peers}
+               "bytes_sent_max_peer": summary["bytes_sent_max_peer"],
+               "test_recall_per_class": {"pooled_xgb": pooled_recall, **({"peer_0": recall} if recall else {})},
+               "peers": peers}
     print(json.dumps({k: v for k, v in results.items() if k != "peers"}), flush=True)
     return results
+
+
+def _histogram_recall(path: Path, features: str) -> dict | None:
+    """Per-class test recall of the ensemble a ``--boosting histogram`` peer saved (``histboost.npz``), on
+    EmoDB fold 1's test speakers standardised as the run does (each by its own statistics); None for
+    another mode. Its UA must equal the peer's reported one."""
+    if not path.exists():
+        return None
+    from p2pser.features.normalize import standardize_by_speaker
+    from p2pser.learn import trees
+    from p2pser.learn.histboost import margins
+    from p2pser.learn.metrics import classification_report
+
+    pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=features), progress=False)
+    fs, test = pooled.features, pooled.split(1).test
+    v = trees.utterance_vectors(standardize_by_speaker(fs.x[test], fs.lengths[test], fs.speakers[test]))
+    with np.load(path, allow_pickle=False) as model:
+        m = margins(model, v, int(model["n_classes"]), int(model["max_depth"]), len(model["roots"]))
+    report = classification_report(pooled.y[test], m.argmax(1), pooled.classes)
+    counts = np.bincount(pooled.y[test], minlength=len(pooled.classes))
+    return {"ua": round(report["ua"], 4), "recall": report["recall"],
+            "test_utterances": dict(zip(pooled.classes, counts.tolist()))}
 
 
 def bagging_rule(args) -> None:

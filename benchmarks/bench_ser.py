@@ -176,7 +176,8 @@ def gossip(args) -> None:
     if args.seeds > 1:
         keys = ("ua_mean", "pooled_xgb_ua", "gap_points", "bytes_sent_mean_per_peer", "wall_s", "cpu_s")
         results = results | {
-            "per_seed": [{"seed": s, **{k: r[k] for k in keys}} for s, r in enumerate(runs)],
+            "per_seed": [{"seed": s, **{k: r[k] for k in (*keys, "test_recall_per_class")}}
+                         for s, r in enumerate(runs)],
             **{f"{k}_over_seeds": round(float(np.mean([r[k] for r in runs])), 4) for k in keys[:3]}}
     print(json.dumps({k: v for k, v in results.items() if k != "peers"}, indent=1))
     suffix = "" if args.boosting == "own" else f"-{args.boosting}"

@@ -4,8 +4,8 @@ Bagging (``p2pser.learn.bagging``) and cyclic boosting grow trees whose every sp
 data. Here the peers grow ONE ensemble together, as distributed and federated XGBoost do (xgboost's
 ``hist`` tree method over a rabit allreduce; NVFlare's horizontal histogram-based XGBoost through a
 server), but without a server: every peer contributes, for every open node, the sums of gradients and
-hessians of its own rows per feature bin, and these contributions are flooded over the topology until
-every peer holds all of them. Each peer then sums them in peer-id order (so every peer gets bit-identical
+hessians of its own rows per feature bin, and these contributions are relayed over the topology (along
+shortest paths, ``use_topology``) until every peer holds all of them. Each peer then sums them in peer-id order (so every peer gets bit-identical
 sums), chooses each node's split by xgboost's gain formula, and so every peer builds the same trees: those
 of pooled histogram boosting on all peers' data (up to each peer's own row subsampling).
 
@@ -44,9 +44,11 @@ What crosses the wire (the ``State``): every contribution the peer holds, keyed 
                            (class count, 0)
 
 plus one row ``key = step * STRIDE + MARKER`` that says which step the sender is at (it needs nothing
-older). The ``bagging`` algorithm's "attach only what the neighbour has not listed" logic floods them,
-each crossing a link at most once in each direction. A histogram is sparse: a peer's rows fill at most
-rows x sampled features cells of a level, so only non-empty cells are sent. ``check`` validates every
+older). The ``bagging`` algorithm's "attach only what the neighbour has not listed" logic carries them, and
+``offer`` attaches a contribution only for the neighbours it is the designated relay of (``use_topology``;
+without a topology it floods, each contribution crossing a link at most once in each direction). A
+histogram is sparse: a peer's rows fill at most rows x sampled features x classes cells of a level, so
+only non-empty cells are sent. ``check`` validates every
 received state (keys, step and origin ranges, sizes, cells inside the layout, finite sums, hessians not
 negative) before it is filed.
 

@@ -8,8 +8,10 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
             the frame-level kinds only. The default model and features are chosen from these files by the
             mean *validation* UA over the corpora, never by test UA.
 ``folds``   one model x features on every fold of a corpus (the targets: RAVDESS 6-fold, EmoDB 5-fold).
-``gossip``  xgb by bagging in the simulator (8 peers, one per training speaker of EmoDB fold 1, exponential
-            graph) beside the pooled xgb of the same run; ensemble bytes per peer.
+``gossip``  xgb by gossip in the simulator (8 peers, one per training speaker of EmoDB fold 1, exponential
+            graph; ``--boosting own``, ``cyclic`` or ``histogram``) beside the pooled xgb of the same run;
+            bytes per peer, wall and CPU seconds.
+``histogram-rule``  ``--boosting histogram`` against pooled xgb on validation speakers (never test ones).
 ``bagging-rule``  how a peer combines ensembles and how many trees it boosts, chosen on validation data.
 ``speed``   extraction speed of each feature kind on EmoDB: seconds of audio per CPU-second cold (a fresh
             cache, one process) and utterances per second warm.
@@ -22,6 +24,8 @@ Parts (each writes its own results file, ``benchmarks/results/ser-<part>[-<name>
     python benchmarks/bench_ser.py matrix --corpus emodb
     python benchmarks/bench_ser.py folds --corpus ravdess --model mlp --features egemaps
     python benchmarks/bench_ser.py gossip
+    python benchmarks/bench_ser.py gossip --boosting histogram --rounds 1604 --final-mixing 1
+    python benchmarks/bench_ser.py histogram-rule --seeds 2
     python benchmarks/bench_ser.py speed
     python benchmarks/bench_ser.py validate --corpus emodb --cases mlp:compare:none,mlp:compare:speed:2
     python benchmarks/bench_ser.py table     # the matrix files as markdown tables
@@ -162,33 +166,95 @@ def join(args) -> None:
 
 
 def gossip(args) -> None:
+    """``--boosting histogram`` grows one ensemble level by level: ``--rounds`` must cover the diameter (2)
+    times (1 + iterations x depth) steps; ``--local-steps`` does not apply to it. ``--eval-every`` thins the
+    evaluated rounds; the per-round UA kept in the file is thinned to at most ~100 points. ``--seeds`` n
+    runs seeds 0 .. n-1 (peers and pooled model alike) and adds their means; ``--val-fraction`` is the
+    share of its data each peer holds back for validation (the pooled model trains on all)."""
+    runs = [_gossip_run(args, seed) for seed in range(args.seeds)]
+    results = runs[0]
+    if args.seeds > 1:
+        keys = ("ua_mean", "pooled_xgb_ua", "gap_points", "bytes_sent_mean_per_peer", "wall_s", "cpu_s")
+        results = results | {
+            "per_seed": [{"seed": s, **{k: r[k] for k in (*keys, "test_recall_per_class")}}
+                         for s, r in enumerate(runs)],
+            **{f"{k}_over_seeds": round(float(np.mean([r[k] for r in runs])), 4) for k in keys[:3]}}
+    print(json.dumps({k: v for k, v in results.items() if k != "peers"}, indent=1))
+    suffix = "" if args.boosting == "own" else f"-{args.boosting}"
+    suffix += "" if args.val_fraction == VAL_FRACTION else f"-val{args.val_fraction:g}"
+    suffix += "" if args.seeds == 1 else f"-seeds{args.seeds}"
+    write_results(f"ser-gossip-{args.features}{suffix}", results | provenance(sys.argv))
+
+
+def _gossip_run(args, seed: int) -> dict:
+    import resource
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="bench-ser-") as tmp:
         run = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "p2pser", "simulate", str(DATA / "emodb"), "--fold", "1", "--peers", "8",
                "--model", "xgb", "--algorithm", "bagging", "--features", args.features,
-               "--rounds", str(args.rounds), "--local-steps", str(args.trees), "--final-mixing", "3",
-               "--eval-every", "1", "--boosting", args.boosting, "--baseline", "centralized", "--out", str(run)]
+               "--rounds", str(args.rounds), "--local-steps", str(args.trees),
+               "--final-mixing", str(args.final_mixing), "--eval-every", str(args.eval_every),
+               "--boosting", args.boosting, "--baseline", "centralized", "--out", str(run)]
+        cmd += ([] if args.val_fraction == VAL_FRACTION else ["--val-fraction", f"{args.val_fraction:g}"])
+        cmd += ([] if seed == 0 else ["--seed", str(seed)])
+        load = os.getloadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         summary = json.loads((run / "summary.json").read_text())
+        pooled_recall = json.loads((run / "baseline-centralized" / "fold-1" / "metrics.json").read_text())["recall"]
+        recall = _histogram_recall(run / "peer-000" / "histboost.npz", args.features)
         peers = []
         for k in range(8):
             rows = [json.loads(line) for line in (run / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
+            scored = [r for r in rows if "test_ua" in r]
+            every = max(1, len(scored) // 100)
             peers.append({"peer": k, "test_ua": round(rows[-1]["test_ua"], 4), "bag_size": rows[-1]["bag_size"],
                           "bytes_sent": rows[-1]["bytes_sent"], "bytes_received": rows[-1]["bytes_received"],
-                          "ua_per_round": [round(r["test_ua"], 4) for r in rows]})
+                          "rejected": rows[-1]["rejected"],
+                          **({"boosting_iterations": rows[-1]["boosting_iterations"]}
+                             if "boosting_iterations" in rows[-1] else {}),
+                          "ua_per_round": {r["round"]: round(r["test_ua"], 4) for r in scored[::every]}
+                          | {scored[-1]["round"]: round(scored[-1]["test_ua"], 4)}})
     results = {"command": " ".join(cmd[1:]), "wall_s": round(wall, 1),
+               "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+               "load_avg_at_start": round(load, 1), "load_avg_at_end": round(os.getloadavg()[0], 1),
                "ua_mean": round(summary["ua_mean"], 4), "ua_min": round(summary["ua_min"], 4),
+               "ua_max": round(summary["ua_max"], 4),
                "pooled_xgb_ua": round(summary["baseline_centralized_ua"], 4),
                "gap_points": round(100 * (summary["baseline_centralized_ua"] - summary["ua_mean"]), 2),
                "bytes_sent_mean_per_peer": round(sum(p["bytes_sent"] for p in peers) / len(peers)),
-               "bytes_sent_max_peer": summary["bytes_sent_max_peer"], "peers": peers}
-    print(json.dumps({k: v for k, v in results.items() if k != "peers"}, indent=1))
-    suffix = "" if args.boosting == "own" else f"-{args.boosting}"
-    write_results(f"ser-gossip-{args.features}{suffix}", results | provenance(sys.argv))
+               "bytes_sent_max_peer": summary["bytes_sent_max_peer"],
+               "test_recall_per_class": {"pooled_xgb": pooled_recall, **({"peer_0": recall} if recall else {})},
+               "peers": peers}
+    print(json.dumps({k: v for k, v in results.items() if k != "peers"}), flush=True)
+    return results
+
+
+def _histogram_recall(path: Path, features: str) -> dict | None:
+    """Per-class test recall of the ensemble a ``--boosting histogram`` peer saved (``histboost.npz``), on
+    EmoDB fold 1's test speakers standardised as the run does (each by its own statistics); None for
+    another mode. Its UA must equal the peer's reported one."""
+    if not path.exists():
+        return None
+    from p2pser.features.normalize import standardize_by_speaker
+    from p2pser.learn import trees
+    from p2pser.learn.histboost import margins
+    from p2pser.learn.metrics import classification_report
+
+    pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=features), progress=False)
+    fs, test = pooled.features, pooled.split(1).test
+    v = trees.utterance_vectors(standardize_by_speaker(fs.x[test], fs.lengths[test], fs.speakers[test]))
+    with np.load(path, allow_pickle=False) as model:
+        m = margins(model, v, int(model["n_classes"]), int(model["max_depth"]), len(model["roots"]))
+    report = classification_report(pooled.y[test], m.argmax(1), pooled.classes)
+    counts = np.bincount(pooled.y[test], minlength=len(pooled.classes))
+    return {"ua": round(report["ua"], 4), "recall": report["recall"],
+            "test_utterances": dict(zip(pooled.classes, counts.tolist()))}
 
 
 def bagging_rule(args) -> None:
@@ -233,17 +299,12 @@ def bagging_rule(args) -> None:
                                                          "validation_ua": rows} | provenance(sys.argv))
 
 
-def cyclic_rule(args) -> None:
-    """How peers should boost trees by gossip, chosen on held-out training speakers of EmoDB fold 1 (the
-    ``validate`` groups; its test speakers are never used): one peer per remaining training speaker, and
-    (a) ``bag``: each peer boosts its own ensemble, predictions average the peers' probabilities;
-    (b) ``cyclic``: as many travelling ensembles as peers, in round r peer p adds k trees on its own data
-    to ensemble (p - r) mod n and passes it to peer p + 1; predictions average the ensembles;
-    (c) the pooled model of the same speakers, for reference. Validation UA on the held-out speakers."""
+def _held_out_groups(args):
+    """EmoDB under ``--features``: the pooled data, labels, speaker-standardised utterance vectors, and for
+    each of ``--inner`` groups of the outer fold's training speakers (``validate``'s groups): the group, its
+    rows (validation), the other training rows and those rows per speaker (one peer each)."""
     from p2pser.features.normalize import standardize_by_speaker
     from p2pser.learn import trees
-    from p2pser.learn.metrics import classification_report
-    from p2pser.learn.trees import XGB_TREES
 
     pooled = prepare_pooled(DATA / "emodb", FeatureSpec(kind=args.features), progress=False)
     fs, y = pooled.features, pooled.y
@@ -251,15 +312,33 @@ def cyclic_rule(args) -> None:
     speakers = sorted(set(fs.speakers[train].tolist()))
     groups = [speakers[k :: args.inner] for k in range(args.inner)]
     v = trees.utterance_vectors(standardize_by_speaker(fs.x, fs.lengths, fs.speakers))
+    splits = []
+    for group in groups:
+        held = np.isin(fs.speakers[train], group)
+        val, fit = train[held], train[~held]
+        splits.append((group, val, fit, [fit[fs.speakers[fit] == s] for s in sorted(set(fs.speakers[fit].tolist()))]))
+    return pooled, y, v, splits
+
+
+def cyclic_rule(args) -> None:
+    """How peers should boost trees by gossip, chosen on held-out training speakers of EmoDB fold 1 (the
+    ``validate`` groups; its test speakers are never used): one peer per remaining training speaker, and
+    (a) ``bag``: each peer boosts its own ensemble, predictions average the peers' probabilities;
+    (b) ``cyclic``: as many travelling ensembles as peers, in round r peer p adds k trees on its own data
+    to ensemble (p - r) mod n and passes it to peer p + 1; predictions average the ensembles;
+    (c) the pooled model of the same speakers, for reference. Validation UA on the held-out speakers."""
+    from p2pser.learn import trees
+    from p2pser.learn.metrics import classification_report
+    from p2pser.learn.trees import XGB_TREES
+
+    pooled, y, v, splits = _held_out_groups(args)
+    groups = [group for group, *_ in splits]
     methods = ["pooled", "bag"] + [f"cyclic-{k}" for k in (5, 10, 25)] + [f"averaged-{k}" for k in args.averaged]
     if args.only_averaged:
         methods = [f"averaged-{k}" for k in args.averaged]
     scores: dict[str, list[float]] = {m: [] for m in methods}
     t0 = time.process_time()
-    for group in groups:
-        held = np.isin(fs.speakers[train], group)
-        val, fit = train[held], train[~held]
-        peers = [fit[fs.speakers[fit] == s] for s in sorted(set(fs.speakers[fit].tolist()))]
+    for _, val, fit, peers in splits:
         n, k_classes = len(peers), len(pooled.classes)
 
         def ua(probs: np.ndarray, truth: np.ndarray = y[val]) -> float:
@@ -317,6 +396,69 @@ def _averaged_boosting(v, y, peers, val, n_classes: int, k: int, seed: int) -> n
             margin_val += m.predict(zero_val, output_margin=True) / len(peers)
     e = np.exp(margin_val - margin_val.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def histogram_rule(args) -> None:
+    """``--boosting histogram`` on the validation speakers of EmoDB fold 1 (the ``cyclic-rule`` groups; the
+    fold's test speakers are never used): one peer per remaining training speaker growing one ensemble on
+    summed histograms (``p2pser.learn.histboost``, the exchange emulated in one process: every peer gets
+    every contribution each step), the same learner with one peer holding all their data (the pooled
+    histogram boosting it equals up to row subsampling and bin edges), and pooled xgb, for ``--seeds``
+    seeds each. Validation UA on the held-out speakers; the recipe is ``trees.XGB_RECIPE`` unchanged."""
+    from p2pser.learn import trees
+    from p2pser.learn.metrics import classification_report
+    from p2pser.learn.trees import XGB_TREES
+
+    pooled, y, v, splits = _held_out_groups(args)
+    groups = [group for group, *_ in splits]
+    methods = ("pooled-xgb", "histogram-1-peer", "histogram-peers")
+    scores: dict[str, list[float]] = {m: [] for m in methods}
+    t0 = time.process_time()
+    for group, val, fit, peers in splits:
+        k_classes = len(pooled.classes)
+        def ua(probs: np.ndarray, truth: np.ndarray = y[val]) -> float:
+            return classification_report(truth, probs.argmax(1), pooled.classes)["ua"]
+
+        for seed in range(args.seeds):
+            model = trees.boost(v[fit], y[fit], k_classes, XGB_TREES, seed=seed)
+            scores["pooled-xgb"].append(ua(trees.probabilities(model, v[val])))
+            scores["histogram-1-peer"].append(ua(_histogram_boosting(v, y, [fit], val, pooled.classes, seed)))
+            scores["histogram-peers"].append(ua(_histogram_boosting(v, y, peers, val, pooled.classes, seed)))
+            print(json.dumps({"group": group, "seed": seed} | {m: round(s[-1], 4) for m, s in scores.items()}),
+                  flush=True)
+    result = {m: {"val_ua": round(float(np.mean(s)), 4), "per_group_and_seed": [round(x, 4) for x in s]}
+              for m, s in scores.items()}
+    print(json.dumps({m: r["val_ua"] for m, r in result.items()}), flush=True)
+    write_results(f"ser-histogram-rule-{args.features}",
+                  {"corpus": "emodb", "outer_fold": args.fold, "groups": groups, "seeds": args.seeds,
+                   "methods": result, "iterations": XGB_TREES, "cpu_s": round(time.process_time() - t0, 1),
+                   "load_avg": round(os.getloadavg()[0], 1)} | provenance(sys.argv))
+
+
+def _histogram_boosting(v, y, peers, val, classes, seed: int) -> np.ndarray:
+    """``HistogramLearner`` peers holding rows ``peers`` (lists of row numbers), the exchange emulated in
+    one process (each step, every peer files every other's contributions); validation probabilities."""
+    from p2pser.exchange.mixing import Contribution
+    from p2pser.features.normalize import Normalizer
+    from p2pser.learn.data import PeerData
+    from p2pser.learn.histboost import HistogramLearner
+    from p2pser.learn.tasks import CLASSIFICATION
+
+    none = np.zeros(0, np.int64)
+    learners = []
+    for i, p in enumerate(peers):
+        data = PeerData(x_train=v[p][:, :, None], y_train=y[p], x_val=v[none][:, :, None], y_val=y[none],
+                        x_test=v[none][:, :, None], y_test=y[none], lengths_test=none, classes=list(classes),
+                        normalizer=Normalizer.identity(v.shape[1]))
+        data.mode = "speaker"  # inputs are standardised already
+        learners.append(HistogramLearner(data, "", CLASSIFICATION, peer_id=i, seed=seed, n_peers=len(peers)))
+    while not all(learner.finished for learner in learners):
+        for learner in learners:
+            learner.train(1)
+        offers = [learner.snapshot() for learner in learners]
+        for learner in learners:
+            learner.mix({}, 1.0, [Contribution(j, 1.0, o) for j, o in enumerate(offers) if j != learner.id], None)
+    return learners[0].predict_proba(v[val][:, :, None])
 
 
 def speed(args) -> None:
@@ -446,7 +588,7 @@ def table(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("matrix", "folds", "gossip", "speed", "table", "bagging-rule", "validate",
-                                           "cyclic-rule", "join", "peers-augment"))
+                                           "cyclic-rule", "join", "peers-augment", "histogram-rule"))
     parser.add_argument("--corpus", default="emodb")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", default="egemaps")
@@ -454,10 +596,13 @@ def main() -> None:
     parser.add_argument("--kinds", default=None, help="matrix: only these feature kinds (comma list)")
     parser.add_argument("--trees", type=int, default=100, help="gossip: boosting rounds per peer and round")
     parser.add_argument("--rounds", type=int, default=1, help="gossip: rounds of boosting")
-    parser.add_argument("--boosting", default="own", help="gossip: --boosting own or cyclic")
+    parser.add_argument("--boosting", default="own", help="gossip: --boosting own, cyclic or histogram")
+    parser.add_argument("--final-mixing", type=int, default=3, help="gossip: --final-mixing")
+    parser.add_argument("--eval-every", type=int, default=1, help="gossip: --eval-every")
     parser.add_argument("--averaged", type=lambda t: [int(k) for k in t.split(",") if k], default=[],
                         help="cyclic-rule: also boosting by averaged tree sets, k trees per round (comma list)")
     parser.add_argument("--only-averaged", action="store_true", help="cyclic-rule: only the averaged methods")
+    parser.add_argument("--seeds", type=int, default=1, help="histogram-rule: seeds per group; gossip: seeds")
     parser.add_argument("--step", type=int, default=4, help="speed: every n-th EmoDB file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fold", type=int, default=1, help="validate: the outer fold")
@@ -465,7 +610,8 @@ def main() -> None:
     parser.add_argument("--augment", default="none", help="folds: --augment of p2pser train")
     parser.add_argument("--copies", type=int, default=1, help="folds: --augment-copies")
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                        help="folds: validation share for early stopping (0: all epochs, as p2pser train)")
+                        help="folds: validation share for early stopping (0: all epochs, as p2pser train); "
+                             "gossip: --val-fraction of the peers")
     parser.add_argument("--inner", type=int, default=4, help="validate: groups of held-out training speakers")
     parser.add_argument("--cases", default="mlp:compare:none", help="validate: model:features:augment[:copies]")
     args = parser.parse_args()
@@ -474,7 +620,7 @@ def main() -> None:
     parts = {"matrix": matrix, "folds": folds, "gossip": gossip, "speed": speed, "table": table,
              "bagging-rule": bagging_rule, "validate": validate,
              "cyclic-rule": cyclic_rule, "join": join,
-             "peers-augment": peers_augment}
+             "peers-augment": peers_augment, "histogram-rule": histogram_rule}
     parts[args.part](args)
 
 

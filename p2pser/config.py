@@ -33,7 +33,7 @@ MODELS = ("svm", "cnn1d-shallow", "cnn1d", "cnn2d", "crnn", "mlp", "xgb")  # p2p
 # algorithm that exchanges them.
 ENSEMBLE_MODELS = ("xgb",)
 ENSEMBLE_ALGORITHM = "bagging"
-BOOSTING = ("own", "cyclic")  # p2pser.learn.bagging: who adds trees to which ensemble
+BOOSTING = ("own", "cyclic", "histogram")  # p2pser.learn.bagging, p2pser.learn.histboost: how peers grow trees
 OPTIMIZERS = ("adamw", "sgd")
 NORMALIZERS = ("speaker", "global", "local")
 OPTIMIZER_STATES = ("keep", "reset", "quasi-global")
@@ -75,7 +75,9 @@ class RunConfig:
         default="own",
         **_opt("--model xgb: each peer boosts its own ensemble (own), or as many ensembles as peers travel the "
                "ring of peer ids and each peer adds --local-steps trees on its own data to the one it holds "
-               "(cyclic)", choices=BOOSTING),
+               "(cyclic), or all peers grow one ensemble whose splits are chosen on gradient histograms summed "
+               "over every peer's data (histogram: needs every peer alive; --rounds diameter x (1 + 200 x 4) + 1 "
+               "for the full 200 iterations)", choices=BOOSTING),
     )
     # The decentralized recipe's defaults (rounds, final_mixing, eval_every; AdamW kept across averages) were
     # chosen on validation speakers, never a fold's test speakers: benchmarks/bench_recipe.py.

@@ -166,6 +166,29 @@ def test_xgb_by_bagging_in_simulate_reaches_every_peer_with_a_pooled_baseline(tm
             assert sorted(saved["index"][:, 0].tolist()) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # a CLI process that simulates 4 peers: ~5-15 s
+def test_xgb_by_histogram_boosting_in_simulate_grows_one_ensemble_at_every_peer(tmp_path, synth_corpus,
+                                                                                 feature_cache):
+    run = tmp_path / "sim"
+    # A ring of 4 has diameter 2: two rounds per level, 4 levels per iteration after the bin edges, one round to
+    # start: 2 x (1 + 10 x 4) + 1 = 83 rounds grow 10 iterations (fewer levels when trees stop early).
+    result = p2pser("simulate", synth_corpus, "--peers", "4", "--topology", "ring", "--rounds", "83",
+                    "--final-mixing", "1", "--eval-every", "20", "--out", run, "--cache-dir", feature_cache,
+                    *XGB, "--boosting", "histogram", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ua_mean"] > 1 / N_CLASSES + 0.2 and summary["ua_min"] == summary["ua_max"]
+    assert summary["bytes_sent_max_peer"] > 0
+    models = []
+    for k in range(4):
+        rows = [json.loads(line) for line in (run / f"peer-{k:03d}" / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["rejected"] == 0 for r in rows) and rows[-1]["boosting_iterations"] >= 10
+        with np.load(run / f"peer-{k:03d}" / "histboost.npz") as saved:
+            models.append({name: saved[name] for name in saved.files})
+    for model in models[1:]:  # every peer grew the very same trees
+        assert all(np.array_equal(v, model[name]) for name, v in models[0].items())
+
+
 @pytest.mark.slow
 def test_xgb_by_bagging_in_a_real_two_peer_launch(tmp_path, synth_corpus, feature_cache):
     """Also cyclic boosting (each peer's ensemble comes back to it grown) and augmentation in real peers
@@ -198,3 +221,147 @@ def test_mlp_reads_one_vector_per_utterance_or_frame_statistics():
     assert vectors.features[1].in_features == 88  # the functionals themselves, no time statistics
     frames = build_model("mlp", 40, 100, 7, seed=0)
     assert frames(torch.randn(4, 40, 100)).shape == (4, 7) and frames.features[1].in_features == 80
+
+
+# -- --boosting histogram: one ensemble, every split on gradient histograms summed over all peers ----------
+
+def _hist_learner(peer_id: int, n_peers: int, *, train: int = 40, iterations: int = 4):
+    """``_learner``'s separable data (another draw per peer) with ``train`` training rows and 100 test rows."""
+    from p2pser.learn.histboost import HistogramLearner
+
+    rng = np.random.default_rng(peer_id)
+    n = train + 100
+    y = np.arange(n) % 3
+    x = rng.normal(size=(n, 6, 1)).astype(np.float32)
+    x[np.arange(n), y, 0] += 2.0
+    data = PeerData(x_train=x[:train], y_train=y[:train], x_val=x[:0], y_val=y[:0], x_test=x[train:],
+                    y_test=y[train:], lengths_test=np.ones(100, np.int64), classes=["a", "b", "c"],
+                    normalizer=Normalizer.identity(6))
+    data.mode = "speaker"
+    return HistogramLearner(data, "egemaps", CLASSIFICATION, peer_id=peer_id, seed=0, n_peers=n_peers,
+                            iterations=iterations)
+
+
+def _exchange(learners, neighbours, *, max_rounds: int = 500) -> tuple[int, int]:
+    """Run the ``bagging`` algorithm's round (train, offer what each neighbour has not listed, decode and
+    check, mix, remember what it listed plus what we attached) until every learner has finished; returns
+    (rounds, contributions attached over all links)."""
+    from p2pser.exchange.mixing import Contribution
+
+    known = {p.id: {} for p in learners}
+    attached_total = 0
+    for r in range(max_rounds):
+        if all(p.finished for p in learners):
+            return r, attached_total
+        inbox, attached = {p.id: {} for p in learners}, {}
+        for p in learners:
+            p.train(1)
+        for p in learners:
+            for j in neighbours[p.id]:
+                offer = p.offer(known[p.id].get(j, {}), to=j)
+                attached[p.id, j] = {int(k): 1 for k, _, _, size in offer["index"].tolist() if size}
+                attached_total += len(attached[p.id, j])
+                inbox[j][p.id] = _decoder(learners[j]).decode(_frames(offer, sender=p.id)).tensors
+        for p in learners:
+            p.mix(p.snapshot(), 1.0, [Contribution(s, 1.0, t) for s, t in sorted(inbox[p.id].items())], None)
+            for s, tensors in inbox[p.id].items():
+                known[p.id][s] = p.advertised(tensors) | attached[p.id, s]
+    raise AssertionError(f"not finished after {max_rounds} rounds: steps {[p.step for p in learners]}")
+
+
+def test_histogram_peers_build_the_same_trees_relaying_each_contribution_once_per_link():
+    """Four peers on a ring, each with its own data: every peer ends with bit-identical trees (they summed
+    the same histograms in the same order), and with shortest-path relays every contribution crossed n - 1
+    links (flooding would attach some twice)."""
+    ring = {k: [(k - 1) % 4, (k + 1) % 4] for k in range(4)}
+    learners = [_hist_learner(k, 4) for k in range(4)]
+    for p in learners:
+        p.use_topology([ring[k] for k in range(4)])
+    rounds, attached = _exchange(learners, ring)
+    first = learners[0].forest.arrays()
+    for p in learners:
+        assert p.iteration == 4 and p.complete_trees == 4 * 3
+        assert all(np.array_equal(first[k], v) for k, v in p.forest.arrays().items())
+    steps = learners[0].step  # step 0 (bin edges) and one per level grown
+    assert attached == steps * 4 * 3 and rounds <= 2 * steps + 2  # diameter 2: two rounds a step
+    flooded = [_hist_learner(k, 4) for k in range(4)]
+    _, attached_flooding = _exchange(flooded, ring)
+    assert attached_flooding > attached
+    assert all(np.array_equal(first[k], v) for k, v in flooded[0].forest.arrays().items())
+    assert learners[0].evaluate()["test_ua"] > 0.6
+
+
+def test_histogram_boosting_on_one_peer_is_close_to_pooled_xgb():
+    """Sanity: with one peer, histogram boosting is pooled boosting; its test accuracy is close to xgboost's
+    with the same recipe and number of iterations, and so is its training loss."""
+    learner = _hist_learner(0, 1, train=240, iterations=30)
+    while not learner.finished:
+        learner.train(1)
+    data = learner.data
+    booster = trees.boost(trees.utterance_vectors(data.x_train), data.y_train, 3, 30, seed=0)
+    reference = CLASSIFICATION.score(data.y_test, trees.probabilities(booster, trees.utterance_vectors(data.x_test)),
+                                     data.classes)["ua"]
+    ours = learner.evaluate()["test_ua"]
+    assert abs(ours - reference) <= 0.1 and ours > 0.6, (ours, reference)
+    p = trees.probabilities(booster, trees.utterance_vectors(data.x_train))[np.arange(240), data.y_train]
+    assert learner.train(1) == pytest.approx(float(-np.mean(np.log(p))), rel=0.15)
+
+
+def test_histogram_checkpoint_restores_and_the_model_is_saved_without_pickle(tmp_path):
+    learners = [_hist_learner(k, 2, iterations=3) for k in range(2)]
+    twins = [_hist_learner(k, 2, iterations=3) for k in range(2)]
+    pair = {0: [1], 1: [0]}
+    _exchange(learners, pair)
+    for learner, twin in zip(learners, twins):  # a restored learner predicts as its original
+        twin.restore(learner.checkpoint_state())
+        np.testing.assert_allclose(twin.predict_proba(learner.data.x_test), learner.predict_proba(learner.data.x_test))
+    learners[0].save(tmp_path)
+    with np.load(tmp_path / "histboost.npz", allow_pickle=False) as saved:
+        assert len(saved["roots"]) == 9 and int(saved["iterations"]) == 3 and saved["cuts"].shape[0] == 6
+    # Halfway through: a restored pair goes on to the very trees the uninterrupted pair grows.
+    halfway = [_hist_learner(k, 2, iterations=3) for k in range(2)]
+    _exchange_rounds(halfway, pair, 5)
+    resumed = [_hist_learner(k, 2, iterations=3) for k in range(2)]
+    for learner, twin in zip(halfway, resumed):
+        twin.restore(learner.checkpoint_state())
+    _exchange(resumed, pair)
+    assert all(np.array_equal(v, resumed[1].forest.arrays()[k]) for k, v in learners[1].forest.arrays().items())
+
+
+def _exchange_rounds(learners, neighbours, rounds: int) -> None:
+    try:
+        _exchange(learners, neighbours, max_rounds=rounds)
+    except AssertionError:
+        pass
+
+
+def test_a_malformed_histogram_contribution_is_rejected_with_its_reason():
+    a, b = _hist_learner(0, 2), _hist_learner(1, 2)
+    b.train(1)
+    good = b.offer({})
+    assert _decoder(a).decode(_frames(good)).tensors["index"].shape == (2, 4)  # step 0 and b's step marker
+    cells, sums, index = good["cells"], good["sums"], good["index"]
+    marker = index[-1:]
+
+    def state(index=index, cells=cells, sums=sums):
+        return {"index": np.asarray(index, np.int64), "cells": np.asarray(cells, np.int32),
+                "sums": np.asarray(sums, np.float32)}
+
+    cases = {
+        "origin 7, this run has 2 peers": state(index=np.concatenate([[[7, 1, 0, 0]], marker])),
+        "steps must lie": state(index=np.concatenate([[[4096 * 10**6 + 1, 1, 0, 0]], marker])),
+        "step marker is missing": state(index=index[:1]),
+        "attaches": state(cells=cells[:-1], sums=sums[:-1]),
+        "cells not increasing": state(cells=cells[::-1].copy()),
+        "negative": state(sums=sums * np.array([1, -1], np.float32)),
+        "listed twice": state(index=np.concatenate([index[:1], index[:1], marker])),
+        "cells but": state(sums=sums[:-1]),
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(CodecError, match=reason) as caught:
+            _decoder(a).decode(_frames(bad))
+        assert caught.value.reason == "content"
+    a.train(1)  # past step 0 the layout is known: a histogram cell outside it is refused
+    step1 = state(index=np.array([[4096 + 1, 1, 0, 1], [4096 + 4095, 1, 0, 0]]), cells=[10**7], sums=[[0, 1]])
+    with pytest.raises(CodecError, match="outside"):
+        _decoder(a).decode(_frames(step1))

@@ -251,6 +251,8 @@ def bagging(peer: Peer, start_round: int = 0) -> Algorithm:
 
     With ``--boosting cyclic`` the learner grows a travelling ensemble instead of its own and, while
     training, attaches it only for the next peer of the ring (``learner.at_round`` tells it the round).
+    With ``--boosting histogram`` (``p2pser.learn.histboost``) what is listed and attached are the peers'
+    gradient histograms of each level, keyed by (origin, step), and every peer grows the same ensemble.
     """
     cfg = peer.config
     learner = peer.learner

@@ -139,11 +139,17 @@ def make_learner(data: PeerData, cfg: RunConfig, peer_id: int, task: Task = CLAS
         if cfg.dp != "none":
             raise UserError(f"--dp {cfg.dp} protects gradients and averaged models; --model {cfg.model} has "
                             "neither (use an averageable model)")
-        from p2pser.learn.bagging import BaggingLearner  # imports xgboost: only runs that use it pay
+        if cfg.boosting == "histogram":  # one ensemble grown by all peers on summed gradient histograms
+            from p2pser.learn.histboost import HistogramLearner
 
-        learner: Learner = BaggingLearner(data, cfg.features, task, peer_id=peer_id, seed=cfg.seed,
-                                          total_trees=cfg.rounds * cfg.local_steps, boosting=cfg.boosting,
-                                          n_peers=n_peers)
+            learner: Learner = HistogramLearner(data, cfg.features, task, peer_id=peer_id, seed=cfg.seed,
+                                                n_peers=n_peers)
+        else:
+            from p2pser.learn.bagging import BaggingLearner  # imports xgboost: only runs that use it pay
+
+            learner = BaggingLearner(data, cfg.features, task, peer_id=peer_id, seed=cfg.seed,
+                                     total_trees=cfg.rounds * cfg.local_steps, boosting=cfg.boosting,
+                                     n_peers=n_peers)
     else:
         learner = TorchLearner(
             data, cfg.model, cfg.features, train_config(cfg), task,
@@ -187,6 +193,8 @@ def build_peer(plan, topology: Topology, peer_id: int, cfg: RunConfig, features,
                                        data_dir=str(plan.corpus.root))
     w = _mixing_weights(topology)
     neighbours = topology.neighbours(peer_id)
+    if cfg.model in ENSEMBLE_MODELS and cfg.boosting == "histogram":  # relays along shortest paths
+        learner.use_topology([topology.neighbours(p) for p in range(topology.n)])
     if cfg.model in ENSEMBLE_MODELS and cfg.boosting == "cyclic" and topology.n > 1 \
             and (peer_id + 1) % topology.n not in neighbours:
         raise UserError(f"--boosting cyclic passes each ensemble from peer k to peer k + 1, but peer {peer_id} is "

@@ -61,10 +61,30 @@ class Member:
     booster: Any
 
 
-class BaggingLearner(SharedStatistics):
-    """Implements ``p2pser.learn.learner.Learner`` for XGBoost; see the module docstring."""
+class TreeExchange(SharedStatistics):
+    """What the tree learners (this module's, ``p2pser.learn.histboost``'s) share: nothing to average, no
+    step in parameter space, no learning-rate schedule; what is sent is ``offer``, what a neighbour lacks."""
 
     averageable = False  # no parameter average, consensus distance or average model
+
+    def offer(self, known: Mapping[int, int], to: int | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def step_size(self) -> float:
+        return 0.0  # trees are added, not moved
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return self.offer({})
+
+    def outgoing(self, state: State, round_: int) -> State:
+        return state
+
+    def advance_to(self, step: int) -> None:
+        """Nothing to move: trees have no learning-rate schedule."""
+
+
+class BaggingLearner(TreeExchange):
+    """Implements ``p2pser.learn.learner.Learner`` for XGBoost; see the module docstring."""
 
     def __init__(self, data: PeerData, features: str, task: Task, *, peer_id: int, seed: int, total_trees: int,
                  members: int = DEFAULT_MEMBERS, boosting: str = "own", n_peers: int = 1) -> None:
@@ -135,9 +155,6 @@ class BaggingLearner(SharedStatistics):
         p = trees.probabilities(booster, self._x)[np.arange(self.samples), self.data.y_train]
         self._last_loss = float(-np.mean(np.log(np.maximum(p, 1e-12))))
 
-    def step_size(self) -> float:
-        return 0.0  # no step in parameter space: trees are added, not moved
-
     def bag(self) -> list[Member]:
         """The ensembles we predict with: our own and the received ones trained on the most utterances."""
         others = sorted((m for o, m in self.held.items() if o != self.id), key=lambda m: -m.samples)
@@ -179,12 +196,6 @@ class BaggingLearner(SharedStatistics):
             grown = {self._extending(self.id, self.round)} if to == (self.id + 1) % self.n_peers else set()
             return pack(self.held, known, only=grown)
         return pack(self.held, known)
-
-    def snapshot(self) -> dict[str, np.ndarray]:
-        return self.offer({})
-
-    def outgoing(self, state: State, round_: int) -> State:
-        return state
 
     @staticmethod
     def advertised(state: State) -> dict[int, int]:
@@ -235,9 +246,6 @@ class BaggingLearner(SharedStatistics):
                     continue
                 booster = trees.from_wire(raw, n_features=self.n_features, n_classes=self.n_classes)
                 self.held[origin] = Member(version, samples, np.array(raw, dtype=np.uint8), booster)
-
-    def advance_to(self, step: int) -> None:
-        """Nothing to move: a tree ensemble has no learning-rate schedule."""
 
     # -- normalisation statistics (--normalizer global): SharedStatistics ----------------------------------
     def _inputs_changed(self) -> None:

@@ -9,7 +9,8 @@ engines run the same learning and differ only in how they carry it out. Each Flo
 (optimiser state, learning-rate schedule, random state) in its Ray worker across rounds, as a p2pser peer
 does; FedAvg weights by training examples, as p2pser's hub does. Flower evaluates the global model on the
 test set after every round on the server (``evaluate_fn``); p2pser's peers evaluate their own models every
-round (``--eval-every 1``). Ray runs two client workers (one CPU each); ``p2pser simulate`` its default
+round (``--eval-every 1``). Ray runs two client workers (one CPU each), at the caller's priority
+(``RAY_worker_niceness=0``; Ray's default renices its workers to 15); ``p2pser simulate`` its default
 learner workers (one per core).
 
 Arms, interleaved, each ``--reps`` times, every one a fresh process timed from start to exit:
@@ -240,8 +241,11 @@ def main() -> None:
 
         bench_flower.run_flower(args.cases, CASES[args.cases], Path(args.out))
         return
+    # Ray lowers its workers' priority to nice 15 by default (its ``worker_niceness``), so on a machine
+    # that runs anything else Flower's clients would get a fraction of p2pser's share of the CPU. Both
+    # engines run at the caller's priority here.
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'benchmarks'}", OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1")
+               MKL_NUM_THREADS="1", RAY_worker_niceness="0")
     arms = args.arms.split(",")
     results: dict = {"setup": {"corpus": "RAVDESS fold 1", "features": FEATURES, "peers": 20, "rounds": _rounds(), "local_steps": LOCAL_STEPS,
                                "batch_size": BATCH, "evaluation": "test UA every round",

@@ -169,7 +169,9 @@ def baved_gossip(work: Path, results: dict, spec: str, numbers: list[int]) -> No
     for k in numbers:
         run = simulate(work, f"baved-gossip-{key.replace(':', '-')}-fold{k}", BAVED, "--fold", str(k), "--task",
                        "dimensional", *options, "--workers", "1", *chosen(results), *BAVED_OPTIONS, reuse=True)
-        done[k] = {"fold": k, **run, "pooled_ccc": pooled_folds[k], "provenance": provenance(sys.argv)}
+        # A fold read back from an earlier invocation keeps that invocation's provenance (its commit and load).
+        kept = done.get(k, {}).get("provenance") if k in done else None
+        done[k] = {"fold": k, **run, "pooled_ccc": pooled_folds[k], "provenance": kept or provenance(sys.argv)}
     folds = [done[k] for k in sorted(done)]
     mean = float(np.mean([f["ccc_mean"] for f in folds]))
     same_folds = float(np.mean([f["pooled_ccc"] for f in folds]))

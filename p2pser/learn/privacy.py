@@ -179,12 +179,18 @@ class DPSGD:
     def __init__(self, model: nn.Module, plan: PrivacyPlan, *, expected_units: float, seed: int | None) -> None:
         from opacus import GradSampleModule
 
+        from p2pser.runtime import keep_blocks_up_to
+
         make_dp_compatible(model)
         self.model = model
         self.plan = plan
         self.expected_units = float(expected_units)
         self.grad_sample = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # Per-sample gradients are a batch's worth of whole models at every step: keep such blocks in the
+        # process (a Poisson batch may run to about twice its expected size) instead of mapping them afresh.
+        per_unit = sum(p.numel() * p.element_size() for p in self.params)
+        keep_blocks_up_to(int(2 * max(self.expected_units, 1.0) * per_unit))
         # Seeded (reproducible, like Opacus without secure_mode) or from the OS's entropy (--dp-noise os).
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else int.from_bytes(np.random.bytes(8), "little") >> 1)

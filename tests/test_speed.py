@@ -181,3 +181,21 @@ def test_the_allocator_setting_is_idempotent_and_harmless():
     a = np.ones(4 << 20)  # 32 MB: from the heap now, freed and reused
     del a
     assert np.ones(4 << 20).sum() == 4 << 20
+
+
+def test_heap_blocks_are_only_ever_raised_and_capped(monkeypatch):
+    import p2pser.runtime as runtime
+
+    calls: list[tuple[int, int]] = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(runtime, "_kept_block_bytes", 0)
+    runtime.keep_blocks_up_to(200 << 20)
+    runtime.keep_blocks_up_to(64 << 20)  # lower: no change
+    runtime.keep_blocks_up_to(8 << 30)  # capped at 1 GB
+    assert calls == [(-3, 200 << 20), (-1, 800 << 20), (-3, 1 << 30), (-1, 4 << 30)]

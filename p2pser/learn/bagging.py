@@ -82,6 +82,29 @@ class TreeExchange(SharedStatistics):
     def advance_to(self, step: int) -> None:
         """Nothing to move: trees have no learning-rate schedule."""
 
+    def predict_proba(self, x: np.ndarray, *, cache: str | None = None) -> np.ndarray:
+        """Class probabilities for features ``[N, C, T]``; ``cache`` names the input (``val``, ``test``) for a
+        learner that can reuse work between evaluations of it."""
+        raise NotImplementedError
+
+    def evaluation_extras(self) -> dict[str, float]:
+        """Fields the learner adds to every evaluated metrics row."""
+        return {}
+
+    def evaluate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        data, task = self.data, self.task
+        row: dict[str, float] = {}
+        if len(data.y_val):
+            row[task.val_key()] = task.score(data.y_val, self.predict_proba(data.x_val, cache="val"),
+                                             data.classes)[task.primary]
+        if len(data.y_test):
+            probs = self.predict_proba(data.test_inputs(), cache="test")
+            row.update(task.test_row(task.score(data.y_test, probs, data.classes)))
+        row |= self.evaluation_extras()
+        self.timings["eval"] += time.perf_counter() - t0
+        return row
+
 
 class BaggingLearner(TreeExchange):
     """Implements ``p2pser.learn.learner.Learner`` for XGBoost; see the module docstring."""
@@ -161,8 +184,9 @@ class BaggingLearner(TreeExchange):
         own = [self.held[self.id]] if self.id in self.held else []
         return own + others[: self.members - len(own)]
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Sample-weighted mean class probabilities of the bag for features ``[N, C, T]``."""
+    def predict_proba(self, x: np.ndarray, *, cache: str | None = None) -> np.ndarray:
+        """Sample-weighted mean class probabilities of the bag for features ``[N, C, T]`` (nothing cached: the
+        bag changes as ensembles arrive)."""
         bag = self.bag()
         vectors = trees.utterance_vectors(x)
         if not bag:
@@ -170,17 +194,8 @@ class BaggingLearner(TreeExchange):
         total = sum(m.samples for m in bag) or len(bag)
         return sum((m.samples or 1) / total * trees.probabilities(m.booster, vectors) for m in bag)
 
-    def evaluate(self) -> dict[str, float]:
-        t0 = time.perf_counter()
-        data, task = self.data, self.task
-        row: dict[str, float] = {}
-        if len(data.y_val):
-            row[task.val_key()] = task.score(data.y_val, self.predict_proba(data.x_val), data.classes)[task.primary]
-        if len(data.y_test):
-            row.update(task.test_row(task.score(data.y_test, self.predict_proba(data.test_inputs()), data.classes)))
-        row["bag_size"] = len(self.bag())
-        self.timings["eval"] += time.perf_counter() - t0
-        return row
+    def evaluation_extras(self) -> dict[str, float]:
+        return {"bag_size": len(self.bag())}
 
     # -- the wire ---------------------------------------------------------------------------------------
     def holdings(self) -> dict[int, int]:

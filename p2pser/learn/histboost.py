@@ -469,25 +469,14 @@ class HistogramLearner(TreeExchange):
             done, m = 0, np.zeros((len(vectors), self.n_classes))
         if done < self.complete_trees:
             a = self._forest_arrays()
-            part = {k: v for k, v in a.items()} | {"roots": a["roots"][done:], "classes": a["classes"][done:]}
+            part = a | {"roots": a["roots"][done:], "classes": a["classes"][done:]}
             m = m + margins(part, vectors, self.n_classes, self.depth, self.complete_trees - done)
         if cache:
             self._eval_cache[cache] = (self.complete_trees, m)
         return softmax(m)
 
-    def evaluate(self) -> dict[str, float]:
-        t0 = time.perf_counter()
-        data, task = self.data, self.task
-        row: dict[str, float] = {}
-        if len(data.y_val):
-            row[task.val_key()] = task.score(data.y_val, self.predict_proba(data.x_val, cache="val"),
-                                             data.classes)[task.primary]
-        if len(data.y_test):
-            probs = self.predict_proba(data.test_inputs(), cache="test")
-            row.update(task.test_row(task.score(data.y_test, probs, data.classes)))
-        row |= {"bag_size": 1, "boosting_iterations": self.iteration, "histogram_step": self.step}
-        self.timings["eval"] += time.perf_counter() - t0
-        return row
+    def evaluation_extras(self) -> dict[str, float]:
+        return {"bag_size": 1, "boosting_iterations": self.iteration, "histogram_step": self.step}
 
     # -- the wire ---------------------------------------------------------------------------------------
     def holdings(self) -> dict[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -122,16 +123,27 @@ def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(
     hosts.write_text(f'[defaults]\nshell = "ip netns exec {{name}} sh -c"\npython = "{sys.executable}"\n' + "".join(
         f'[[hosts]]\nname = "{bed}-h{k}"\naddress = "10.231.0.{k + 1}"\nworkdir = "{tmp_path}/host{k}"\n'
         for k in range(3)))
-    # Fixed liveness: while the cable is out every peer waits the whole round timeout for the one it cannot
-    # hear, so the cut costs each side at least 10 s a round however fast the machine is, and the peers are still
-    # far from their last round when the cable is back (with adaptive liveness, hosts 0 and 1 soon stop waiting
-    # for host 2 and could finish every round before the heal).
+    # Fixed liveness: a 10 s round timeout, so peers in step never miss each other on a loaded machine. Who
+    # must not finish before the heal is held there by suspending it (below), not by timing.
     run, rounds = tmp_path / "run", 40
     metrics = {k: tmp_path / f"host{k}" / "run" / f"peer-{k:03d}" / "metrics.jsonl" for k in range(3)}
 
     def last_round(k: int) -> int:
         rows = _rows(metrics[k])
         return rows[-1]["round"] if rows else -1
+
+    def peer_pid(k: int) -> int:
+        return int((tmp_path / f"host{k}" / "run" / f"peer-{k}.pid").read_text())
+
+    suspended: set[int] = set()
+
+    def wake() -> None:
+        for k in sorted(suspended):
+            try:
+                os.kill(peer_pid(k), signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        suspended.clear()
 
     with open(tmp_path / "launcher.log", "w") as log:
         proc = subprocess.Popen(
@@ -151,12 +163,31 @@ def test_launch_hosts_secured_mesh_across_three_namespaces_partitions_and_heals(
         def cut(k: int) -> list[dict]:
             return [r for r in _rows(metrics[k]) if r["round"] >= cut_from]
 
-        _wait(lambda: len(cut(2)) >= 3 and all(any(r["heard"] for r in cut(k)) for k in (0, 1)), LIMIT_S,
-              "host 2 has gone 3 rounds alone and hosts 0 and 1 have heard each other", proc)
+        # A side that stops hearing a neighbour waits one round timeout for it, then no longer (it is suspected
+        # until heard from), so hosts 0 and 1 could run through every round while host 2 still sits in its
+        # timeouts. Each side is suspended once it has shown what the cut is about, so nobody finishes before
+        # the heal however fast or busy the machine. After the heal host 2 is woken only once hosts 0 and 1
+        # are ahead of it: a peer ahead of the others, not waiting for them, would never see a model of its own
+        # round from them, while one behind finds theirs waiting and the ones ahead wait for it once heard.
+        _wait(lambda: all(any(r["heard"] for r in cut(k)) for k in (0, 1)), LIMIT_S,
+              "hosts 0 and 1 have heard each other with host 2 cut off", proc)
+        for k in (0, 1):
+            os.kill(peer_pid(k), signal.SIGSTOP)
+        suspended.update({0, 1})
+        _wait(lambda: len(cut(2)) >= 3, LIMIT_S, "host 2 has gone 3 rounds alone", proc)
+        os.kill(peer_pid(2), signal.SIGSTOP)
+        suspended.add(2)
         cut_until = {k: last_round(k) for k in range(3)}  # rounds finished before the cable is back
         assert bed_cmd("link", bed, 2, "up").returncode == 0
+        for k in (0, 1):
+            os.kill(peer_pid(k), signal.SIGCONT)
+        suspended -= {0, 1}
+        _wait(lambda: min(last_round(0), last_round(1)) > cut_until[2], LIMIT_S,
+              "hosts 0 and 1 are ahead of host 2", proc)
+        wake()
         assert proc.wait(timeout=LIMIT_S) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
     finally:
+        wake()  # never leave a suspended peer behind, whatever failed
         if proc.poll() is None:
             proc.kill()
             proc.wait()
